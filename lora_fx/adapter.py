@@ -1,0 +1,219 @@
+"""Adapter: one LoRA adapter in memory, one ``LoraWeights`` per targeted module.
+
+The LoRA update of a module with weight W (out, in), for input x (..., in):
+
+    y = W x + b + scale * (B (A x) + b_B)                      (LoRA, lora_bias optional)
+    y = (m / ||W + scale * B A||_row) * (W x + scale * B A x) + b      (DoRA)
+
+with A = ``lora_a`` (r, in), B = ``lora_b`` (out, r), scale = alpha / r (alpha / sqrt(r) with
+rsLoRA) times the load-time multiplier (Hu et al. 2021, arXiv:2106.09685; Liu et al. 2024,
+arXiv:2402.09353). Embeddings store A as (r, vocab) and B as (dim, r), as PEFT does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import targets
+from .config import LoraConfig
+from .errors import ModelMismatchError, raise_if
+
+PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraWeights:
+    """The tensors of one module's LoRA update.
+
+    Attributes:
+        lora_a: (r, in) for Linear / Conv1D, (r, vocab) for Embedding.
+        lora_b: (out, r) for Linear / Conv1D, (dim, r) for Embedding.
+        scale: alpha / r (or alpha / sqrt(r)), times the adapter's load-time multiplier.
+        magnitude: DoRA's m, (out,), or None.
+        bias: lora_B's bias (lora_bias=True), (out,), or None. Scaled by ``scale`` like B A x.
+        embedding: whether the module is an nn.Embedding.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    embedding: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale * B @ A in (out, in) layout (for embeddings: (vocab, dim), the weight's layout)."""
+        d = self.scale * (self.lora_b.to(dtype) @ self.lora_a.to(dtype))
+        return d.T if self.embedding else d
+
+
+@dataclass
+class Adapter:
+    """A loaded (or freshly initialised) LoRA adapter.
+
+    Attributes:
+        config: the adapter's LoraConfig.
+        modules: module fqn (relative to the base model, as PEFT's keys) -> LoraWeights.
+        overrides: parameter path -> full tensor that replaces the model's (modules_to_save,
+            biases saved with bias="all"/"lora_only", embedding layers saved with the adapter).
+        multiplier: the load-time scale (ExLlamaV2's lora_scaling), already inside each ``scale``.
+        name: a label for reports and mixed batches.
+    """
+
+    config: LoraConfig
+    modules: dict[str, LoraWeights]
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    multiplier: float = 1.0
+    name: str | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.modules.values())
+
+    def scaled(self, multiplier: float) -> Adapter:
+        """The same adapter with its load-time multiplier times ``multiplier`` (tensors shared)."""
+        mods = {k: dataclasses.replace(w, scale=w.scale * multiplier) for k, w in self.modules.items()}
+        return dataclasses.replace(self, modules=mods, multiplier=self.multiplier * multiplier)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's on-disk keys. The load-time multiplier is folded into lora_B so PEFT reproduces it."""
+        out: dict[str, torch.Tensor] = {}
+        for fqn, w in self.modules.items():
+            key = PREFIX + fqn
+            b = w.lora_b * self.multiplier if self.multiplier != 1.0 else w.lora_b
+            if w.embedding:
+                out[f"{key}.lora_embedding_A"], out[f"{key}.lora_embedding_B"] = w.lora_a, b
+                continue
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = w.lora_a, b
+            if w.bias is not None:
+                out[f"{key}.lora_B.bias"] = w.bias * self.multiplier
+            if w.magnitude is not None:
+                out[f"{key}.lora_magnitude_vector"] = w.magnitude
+        for path, t in self.overrides.items():
+            module, _, param = path.rpartition(".")
+            key = f"{module}.base_layer.{param}" if module in self.modules else path
+            out[PREFIX + key] = t
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write adapter_config.json and adapter_model.safetensors in PEFT's format.
+
+        ``peft.PeftModel.from_pretrained(model, directory)`` loads the result and gives the same
+        outputs as this adapter.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
+        save_file(self.state_dict(), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Check that this adapter fits ``model``; list every problem in one error.
+
+        Raises:
+            ModelMismatchError: modules the model lacks, unsupported module types, shape
+                mismatches, override tensors without a parameter, config patterns that match no module.
+        Warns:
+            UserWarning: base_model_name_or_path differs from the model's name_or_path.
+        """
+        problems = model_problems(self, model)
+        raise_if(problems, ModelMismatchError, f"adapter {self.name or ''} does not fit the model:".replace("  ", " "))
+        want = self.config.base_model_name_or_path
+        have = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
+        if want and have and want != have:
+            warnings.warn(f"adapter was trained on {want!r}, the model is {have!r}", UserWarning, stacklevel=2)
+
+
+def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
+    """Every way ``adapter`` does not fit ``model`` (empty when it fits)."""
+    problems: list[str] = []
+    modules = dict(model.named_modules())
+    linear = targets.linear_like_types()
+    for fqn, w in adapter.modules.items():
+        mod = modules.get(fqn)
+        if mod is None:
+            problems.append(f"{fqn}: adapter has LoRA tensors for it, the model has no such module")
+            continue
+        if isinstance(mod, torch.nn.Embedding):
+            want_a, want_b = (w.rank, mod.num_embeddings), (mod.embedding_dim, w.rank)
+        elif isinstance(mod, linear):
+            weight = mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.T
+            want_a, want_b = (w.rank, weight.shape[1]), (weight.shape[0], w.rank)
+        else:
+            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D or nn.Embedding, found {type(mod).__name__}")
+            continue
+        if w.embedding != isinstance(mod, torch.nn.Embedding):
+            problems.append(f"{fqn}: adapter holds {'embedding' if w.embedding else 'linear'} LoRA tensors, "
+                            f"the model's module is {type(mod).__name__}")
+            continue
+        for what, t, want in (("lora_A", w.lora_a, want_a), ("lora_B", w.lora_b, want_b)):
+            if tuple(t.shape) != want:
+                problems.append(f"{fqn}.{what}: expected shape {want}, found {tuple(t.shape)}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    for path, t in adapter.overrides.items():
+        p = params.get(path)
+        if p is None:
+            problems.append(f"{path}: adapter replaces this tensor, the model has no such parameter")
+        elif p.shape != t.shape:
+            problems.append(f"{path}: expected shape {tuple(p.shape)}, found {tuple(t.shape)}")
+    try:
+        wanted = set(targets.matched_modules(adapter.config, model))
+    except Exception as e:  # noqa: BLE001 - reported with the other problems
+        problems.append(str(e))
+        wanted = set(adapter.modules)
+    for fqn in sorted(wanted - set(adapter.modules)):
+        problems.append(f"{fqn}: the config targets this module, the adapter has no tensors for it")
+    for pat in targets.unmatched_patterns(adapter.config, modules):
+        problems.append(f"target_modules entry {pat!r}: matches no module of the model")
+    return problems
+
+
+def as_adapters(adapters: Adapter | Sequence[Adapter]) -> list[Adapter]:
+    """A list of adapters whose updates are summed (llama.cpp's repeated --lora-scaled)."""
+    out = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    if not out or not all(isinstance(a, Adapter) for a in out):
+        raise TypeError(f"expected an Adapter or a non-empty list of them, found {adapters!r}")
+    return out
+
+
+def combined_modules(adapters: Sequence[Adapter]) -> dict[str, list[LoraWeights]]:
+    """fqn -> the LoraWeights of every adapter that targets it, in adapter order.
+
+    Raises:
+        ModelMismatchError: DoRA adapters summed with others (DoRA's norm is not additive), or
+            two adapters replacing the same parameter.
+    """
+    problems: list[str] = []
+    if len(adapters) > 1 and any(a.is_dora for a in adapters):
+        problems.append("DoRA adapters: expected one adapter alone, found DoRA summed with others; "
+                        "merge them first or apply one at a time")
+    out: dict[str, list[LoraWeights]] = {}
+    for a in adapters:
+        for fqn, w in a.modules.items():
+            out.setdefault(fqn, []).append(w)
+    seen: dict[str, int] = {}
+    for i, a in enumerate(adapters):
+        for path in a.overrides:
+            if path in seen:
+                problems.append(f"{path}: replaced by adapters {seen[path]} and {i}; expected at most one")
+            seen[path] = i
+    raise_if(problems, ModelMismatchError, "adapters cannot be combined:")
+    return out
+
+
+def combined_overrides(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """Parameter path -> replacement tensor over all adapters (checked by ``combined_modules``)."""
+    return {p: t for a in adapters for p, t in a.overrides.items()}

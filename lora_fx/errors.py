@@ -1,0 +1,42 @@
+"""Errors a user can cause. Each names the module (fqn), what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class LoraFxError(Exception):
+    """Base class of every error lora_fx raises on bad input.
+
+    ``problems`` holds one line per problem; the message lists them all, so a user fixes every
+    problem in one round instead of one per run.
+    """
+
+    def __init__(self, problems: str | list[str], *, header: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = self.problems if header is None else [header, *("  - " + p for p in self.problems)]
+        super().__init__("\n".join(lines))
+
+
+class AdapterConfigError(LoraFxError, ValueError):
+    """adapter_config.json is missing, unreadable, of the wrong types, or asks for an unsupported variant."""
+
+
+class AdapterWeightsError(LoraFxError, ValueError):
+    """The weight file is missing, unreadable, or its tensors disagree with the config or each other."""
+
+
+class ModelMismatchError(LoraFxError, ValueError):
+    """The adapter does not fit the model it is applied to."""
+
+
+class GraphRewriteError(LoraFxError, ValueError):
+    """A graph cannot be rewritten: an op not found, a graph rewritten twice, an op without a module."""
+
+
+class SwapError(LoraFxError, ValueError):
+    """A swap, selection or scale change that the compiled graph cannot take without recompiling."""
+
+
+def raise_if(problems: list[str], error: type[LoraFxError], header: str) -> None:
+    """Raise ``error`` listing every problem, if there are any."""
+    if problems:
+        raise error(problems, header=header)

@@ -1,0 +1,231 @@
+"""load_adapter: a PEFT adapter directory (or a locally cached hub repo) -> Adapter, validated.
+
+init_adapter: a fresh adapter on a model, with PEFT's default initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+
+from . import targets
+from .adapter import PREFIX, Adapter, LoraWeights
+from .config import LoraConfig
+from .errors import AdapterConfigError, AdapterWeightsError, raise_if
+
+SAFETENSORS, BIN = "adapter_model.safetensors", "adapter_model.bin"
+# suffix -> role of the tensor in LoraWeights
+_ROLES = {
+    ".lora_A.weight": "lora_a",
+    ".lora_B.weight": "lora_b",
+    ".lora_B.bias": "bias",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_embedding_A": "emb_a",
+    ".lora_embedding_B": "emb_b",
+}
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """A local adapter directory, or a Hugging Face repo id found in the local cache (no network)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: not in the local cache
+            raise AdapterConfigError(
+                f"{path}: expected a local adapter directory or a hub repo id in the local cache, found "
+                f"neither ({type(e).__name__}); download it on a connected machine with "
+                f"`huggingface-cli download {path}` (cache: $HF_HOME) or pass the directory"
+            ) from None
+    raise AdapterConfigError(f"{path}: expected a PEFT adapter directory, found no such directory")
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors (memory-mapped) or adapter_model.bin (weights_only) -> tensors."""
+    st, bn = os.path.join(directory, SAFETENSORS), os.path.join(directory, BIN)
+    if os.path.isfile(st):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(st, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike
+            raise AdapterWeightsError(f"{st}: expected a valid safetensors file, found: {e}") from None
+    if os.path.isfile(bn):
+        try:
+            data = torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError
+            raise AdapterWeightsError(
+                f"{bn}: expected a tensors-only file that torch.load(weights_only=True) accepts, found: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterWeightsError(f"{bn}: expected a dict of tensors, found {type(data).__name__}")
+        return data
+    raise AdapterWeightsError(f"{directory}: expected {SAFETENSORS} or {BIN}, found neither")
+
+
+def _override_path(config: LoraConfig, key: str, lora_fqns: set[str]) -> str | None:
+    """The model parameter a non-LoRA tensor replaces, or None when it belongs to nothing."""
+    path = key.replace(".base_layer.", ".")
+    module, _, param = path.rpartition(".")
+    if param == "bias" and config.bias in ("all", "lora_only"):
+        return path
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.modules_to_save or ()):
+        return path
+    if ".base_layer." in key and module in lora_fqns:
+        return path  # a targeted layer's own weight, saved alongside (PEFT's save_embedding_layers)
+    if module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES and param == "weight":
+        return path
+    return None
+
+
+def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale: float = 1.0,
+                  dtype: torch.dtype | None = None, name: str | None = None, source: str = "adapter") -> Adapter:
+    """Validate PEFT-format ``tensors`` against ``config``; list every problem in one error."""
+    problems: list[str] = []
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            problems.append(f"{key}: expected a key starting with {PREFIX!r} (PEFT's format)")
+            continue
+        key = key[len(PREFIX):]
+        for suffix, role in _ROLES.items():
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[role] = t
+                break
+        else:
+            rest[key] = t
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{key}: expected finite values, found {int((~torch.isfinite(t)).sum())} NaN/inf")
+    modules: dict[str, LoraWeights] = {}
+    check_targets = isinstance(config.target_modules, list) or (
+        isinstance(config.target_modules, str) and config.target_modules != targets.ALL_LINEAR)
+    for fqn, p in parts.items():
+        emb = "emb_a" in p or "emb_b" in p
+        a, b = (p.get("emb_a"), p.get("emb_b")) if emb else (p.get("lora_a"), p.get("lora_b"))
+        what = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        if a is None or b is None:
+            missing, found = (what[0], what[1]) if a is None else (what[1], what[0])
+            problems.append(f"{fqn}: expected {missing} with {found}, found only {found}")
+            continue
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{fqn}: expected {what[0]} (r, in) and {what[1]} (out, r) with the same r, "
+                            f"found {tuple(a.shape)} and {tuple(b.shape)}")
+            continue
+        r = targets.rank_of(config, fqn)
+        if a.shape[0] != r:
+            problems.append(f"{fqn}: expected rank {r} from the config (r / rank_pattern), found {a.shape[0]}")
+        if check_targets and not targets.is_target(config, fqn):
+            problems.append(f"{fqn}: has LoRA tensors, but the config's target_modules does not match it")
+        mag, bias = p.get("magnitude"), p.get("bias")
+        if config.use_dora and mag is None and not emb:
+            problems.append(f"{fqn}: expected lora_magnitude_vector (use_dora=true), found none")
+        if emb and (mag is not None or config.use_dora):
+            problems.append(f"{fqn}: DoRA on embeddings is not supported")
+        if mag is not None and not config.use_dora:
+            problems.append(f"{fqn}: found lora_magnitude_vector, expected none (use_dora=false)")
+        if bias is not None and not config.lora_bias:
+            problems.append(f"{fqn}: found lora_B.bias, expected none (lora_bias=false)")
+        if config.lora_bias and bias is None and not emb:
+            problems.append(f"{fqn}: expected lora_B.bias (lora_bias=true), found none")
+        for role, t in (("lora_magnitude_vector", mag), ("lora_B.bias", bias)):
+            if t is not None and tuple(t.shape) != (b.shape[0],):
+                problems.append(f"{fqn}.{role}: expected shape ({b.shape[0]},), found {tuple(t.shape)}")
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else (t.to(dtype) if dtype is not None else t)
+
+        modules[fqn] = LoraWeights(cast(a), cast(b), targets.scale_of(config, fqn, scale), cast(mag), cast(bias), emb)
+    overrides: dict[str, torch.Tensor] = {}
+    for key, t in rest.items():
+        if ".original_module." in key:
+            continue  # bias="all" saves the wrapped base module's own tensors too; they are the model's
+        path = _override_path(config, key.replace(".modules_to_save.", "."), set(parts))
+        if path is None:
+            problems.append(f"{key}: a tensor for no module (not LoRA A/B, not modules_to_save, not a bias)")
+        else:
+            overrides[path] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if not modules and not overrides and not problems:
+        problems.append("expected LoRA tensors, found none")
+    raise_if(problems, AdapterWeightsError, f"{source}: invalid adapter weights:")
+    return Adapter(config, modules, overrides, multiplier=scale, name=name)
+
+
+def load_adapter(path: str | os.PathLike, *, scale: float = 1.0, dtype: torch.dtype | None = None,
+                 name: str | None = None) -> Adapter:
+    """Load a PEFT LoRA adapter.
+
+    Args:
+        path: a directory with adapter_config.json and adapter_model.safetensors (preferred) or
+            adapter_model.bin, or a Hugging Face repo id present in the local cache.
+        scale: load-time multiplier on every module's scale (ExLlamaV2's lora_scaling).
+        dtype: cast the adapter's tensors to this dtype; None keeps the file's.
+        name: label for reports and mixed batches (default: the directory's name).
+
+    Returns:
+        The validated Adapter.
+
+    Raises:
+        AdapterConfigError: missing / invalid config, refused PEFT variant.
+        AdapterWeightsError: missing / unreadable weights, unpaired or misshaped tensors, NaN/inf.
+    """
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AdapterConfigError(f"scale: expected a finite number, found {scale!r}")
+    directory = resolve_path(path)
+    config = LoraConfig.from_json(directory)
+    tensors = read_tensors(directory)
+    name = name or os.path.basename(os.path.normpath(os.fspath(path)))
+    return build_adapter(config, tensors, scale=float(scale), dtype=dtype, name=name, source=directory)
+
+
+def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None = None,
+                 dtype: torch.dtype | None = None, name: str | None = None) -> Adapter:
+    """A fresh adapter on ``model`` with PEFT's default initialisation.
+
+    A is Kaiming-uniform as nn.Linear's weight, B is zero (embeddings: A zero, B normal), the DoRA
+    magnitude is the weight's row norm and lora_B's bias is zero, so the adapted model equals the
+    base model until the adapter is trained.
+
+    Raises:
+        ModelMismatchError: a targeted module is not Linear / Conv1D / Embedding.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    mods = dict(model.named_modules())
+    weights: dict[str, LoraWeights] = {}
+    problems: list[str] = []
+    for fqn in targets.matched_modules(config, model):
+        mod, r = mods[fqn], targets.rank_of(config, fqn)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not isinstance(mod, (*targets.linear_like_types(), torch.nn.Embedding)):
+            problems.append(f"{fqn}: expected nn.Linear, Conv1D or nn.Embedding, found {type(mod).__name__}")
+            continue
+        dt = dtype or w.dtype
+        scale = targets.scale_of(config, fqn)
+        if isinstance(mod, torch.nn.Embedding):
+            a = torch.zeros(r, mod.num_embeddings, dtype=dt)
+            b = torch.randn(mod.embedding_dim, r, generator=gen).to(dt)
+            weights[fqn] = LoraWeights(a, b, scale, embedding=True)
+            continue
+        w_oi = w if isinstance(mod, torch.nn.Linear) else w.T  # Conv1D stores (in, out)
+        a = torch.empty(r, w_oi.shape[1])
+        bound = 1 / math.sqrt(w_oi.shape[1])  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        a.uniform_(-bound, bound, generator=gen)
+        b = torch.zeros(w_oi.shape[0], r, dtype=dt)
+        mag = w_oi.detach().float().norm(dim=1).to(dt) if config.use_dora else None
+        bias = torch.zeros(w_oi.shape[0], dtype=dt) if config.lora_bias else None
+        weights[fqn] = LoraWeights(a.to(dt), b, scale, mag, bias)
+    raise_if(problems, AdapterConfigError, "cannot initialise the adapter:")
+    if not weights:
+        raise AdapterConfigError(f"target_modules {config.target_modules!r}: expected to match modules, matched none")
+    return Adapter(config, weights, name=name)

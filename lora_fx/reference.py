@@ -1,0 +1,130 @@
+"""Eager LoRA with PEFT's exact math: the oracle the graph passes are tested against.
+
+``apply_lora(model, adapters)`` hooks the targeted modules for the duration of a ``with`` block and
+restores the model exactly on exit. It is deliberately simple and slow: one hook per module,
+nothing cached, every formula written as PEFT's LoRA layers compute it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides, model_problems
+from .errors import ModelMismatchError, raise_if
+
+
+def _linear_hook(module: torch.nn.Module, weights: list[LoraWeights]):
+    conv1d = not isinstance(module, torch.nn.Linear)  # transformers Conv1D: weight stored (in, out)
+
+    def hook(mod: torch.nn.Module, args: tuple[Any, ...], result: torch.Tensor) -> torch.Tensor:
+        x, out_dtype = args[0], result.dtype
+        for w in weights:
+            xa = x.to(w.lora_a.dtype)
+            lora = F.linear(F.linear(xa, w.lora_a), w.lora_b, w.bias)  # (..., out): B A x + b_B
+            if w.magnitude is None:
+                result = result + lora * w.scale
+                continue
+            # DoRA, as PEFT's DoraLinearLayer: norm of W + s B A per output row, detached.
+            weight = mod.weight.T if conv1d else mod.weight  # (out, in)
+            merged = weight + w.scale * (w.lora_b @ w.lora_a).to(weight.dtype)
+            norm = torch.linalg.norm(merged, dim=1).to(weight.dtype).detach()
+            mag_norm_scale = (w.magnitude / norm).view(1, -1)
+            base = result if mod.bias is None else result - mod.bias
+            result = result + (mag_norm_scale - 1) * base + mag_norm_scale * lora * w.scale
+        return result.to(out_dtype)
+
+    return hook
+
+
+def _embedding_hook(weights: list[LoraWeights]):
+    def hook(mod: torch.nn.Embedding, args: tuple[Any, ...], result: torch.Tensor) -> torch.Tensor:
+        out_dtype = result.dtype
+        for w in weights:
+            after_a = F.embedding(args[0], w.lora_a.T, mod.padding_idx, mod.max_norm, mod.norm_type,
+                                  mod.scale_grad_by_freq, mod.sparse)  # (..., r)
+            result = result + (after_a @ w.lora_b.T) * w.scale
+        return result.to(out_dtype)
+
+    return hook
+
+
+@contextmanager
+def apply_lora(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) -> Iterator[torch.nn.Module]:
+    """Run ``model`` with ``adapters`` (summed) applied, PEFT's math, inside the block.
+
+    Parameters named in the adapters' overrides (modules_to_save, saved biases) are replaced for
+    the block's duration and restored on exit, as are the forward hooks.
+
+    Raises:
+        ModelMismatchError: the adapters do not fit the model (see ``Adapter.check``).
+    """
+    adapters = as_adapters(adapters)
+    per_module = combined_modules(adapters)
+    problems = [p for a in adapters for p in model_problems(a, model) if "the config targets" not in p]
+    raise_if(problems, ModelMismatchError, "adapters do not fit the model:")
+    mods = dict(model.named_modules())
+    saved: list[tuple[torch.nn.Module, str, Any]] = []
+    handles = []
+    try:
+        for path, t in combined_overrides(adapters).items():
+            mod_path, _, name = path.rpartition(".")
+            mod = mods[mod_path]
+            if name in mod._parameters:
+                old = mod._parameters[name]
+                saved.append((mod, name, old))
+                mod._parameters[name] = torch.nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad)
+            else:
+                old = mod._buffers[name]
+                saved.append((mod, name, old))
+                mod._buffers[name] = t.to(old.dtype)
+        for fqn, ws in per_module.items():
+            mod = mods[fqn]
+            hook = _embedding_hook(ws) if isinstance(mod, torch.nn.Embedding) else _linear_hook(mod, ws)
+            handles.append(mod.register_forward_hook(hook))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, name, old in reversed(saved):
+            if name in mod._parameters:
+                mod._parameters[name] = old
+            else:
+                mod._buffers[name] = old
+
+
+def lora_forward(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with ``adapters`` applied; the model is unchanged afterwards."""
+    with apply_lora(model, adapters):
+        return model(*args, **kwargs)
+
+
+def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """The model's state dict with the adapters merged in (PEFT's merge_and_unload, without PEFT)."""
+    adapters = as_adapters(adapters)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd.update({k: v.to(sd[k].dtype) for k, v in combined_overrides(adapters).items() if k in sd})
+    mods = dict(model.named_modules())
+    for fqn, ws in combined_modules(adapters).items():
+        mod = mods[fqn]
+        w = sd[f"{fqn}.weight"]
+        conv1d = not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
+        w_oi = (w.T if conv1d else w).float()  # (out, in); embeddings: (vocab, dim)
+        for lw in ws:
+            delta = lw.delta_weight()
+            if lw.magnitude is not None:
+                merged = w_oi + delta
+                w_oi = (lw.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+            else:
+                w_oi = w_oi + delta
+            if lw.bias is not None:
+                key = f"{fqn}.bias"
+                if key not in sd:
+                    raise ModelMismatchError(f"{fqn}: lora_bias needs a base bias to merge into, found none")
+                sd[key] = (sd[key].float() + lw.scale * lw.bias.float()).to(sd[key].dtype)
+        sd[f"{fqn}.weight"] = (w_oi.T if conv1d else w_oi).to(w.dtype).contiguous()
+    return sd
