@@ -1,6 +1,7 @@
 """lora_fx: apply PEFT LoRA adapters inside torch.compile by rewriting the FX graph."""
 
 from .adapter import Adapter, LoraWeights
+from .backend import LoraBackend, backend
 from .config import LoraConfig
 from .errors import (
     AdapterConfigError,
@@ -12,21 +13,27 @@ from .errors import (
 )
 from .loading import init_adapter, load_adapter
 from .reference import apply_lora, lora_forward, merged_state_dict
+from .rewrite import RewriteConfig, RewriteReport, rewrite
 
 __all__ = [
     "Adapter",
     "AdapterConfigError",
     "AdapterWeightsError",
     "GraphRewriteError",
+    "LoraBackend",
     "LoraConfig",
     "LoraFxError",
     "LoraWeights",
     "ModelMismatchError",
+    "RewriteConfig",
+    "RewriteReport",
     "SwapError",
     "apply_lora",
+    "backend",
     "init_adapter",
     "load_adapter",
     "lora_forward",
     "merged_state_dict",
+    "rewrite",
 ]
 __version__ = "0.1.0"

@@ -52,6 +52,10 @@ class LoraWeights:
     def rank(self) -> int:
         return self.lora_a.shape[0]
 
+    def scaled(self, multiplier: float) -> LoraWeights:
+        """The same tensors with ``scale`` times ``multiplier``."""
+        return self if multiplier == 1.0 else dataclasses.replace(self, scale=self.scale * multiplier)
+
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """scale * B @ A in (out, in) layout (for embeddings: (vocab, dim), the weight's layout)."""
         d = self.scale * (self.lora_b.to(dtype) @ self.lora_a.to(dtype))
@@ -83,7 +87,7 @@ class Adapter:
 
     def scaled(self, multiplier: float) -> Adapter:
         """The same adapter with its load-time multiplier times ``multiplier`` (tensors shared)."""
-        mods = {k: dataclasses.replace(w, scale=w.scale * multiplier) for k, w in self.modules.items()}
+        mods = {k: w.scaled(multiplier) for k, w in self.modules.items()}
         return dataclasses.replace(self, modules=mods, multiplier=self.multiplier * multiplier)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

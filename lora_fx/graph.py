@@ -1,0 +1,192 @@
+"""Find the linear-like ops of an FX graph and the module (fqn) each belongs to.
+
+Works on graphs from dynamo (torch-level ops, parameters as placeholders or get_attr), from
+torch.export (aten ops; ``ep.module()`` with get_attr weights, or the ExportedProgram's own graph
+with parameter placeholders) and from ``torch.fx.symbolic_trace`` (call_module nodes, turned into
+calls by :func:`inline_leaf_modules` first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+aten = torch.ops.aten
+LINEAR_OPS = (F.linear, torch._C._nn.linear, aten.linear.default)
+ADDMM_OPS = (torch.addmm, aten.addmm.default)
+EMBEDDING_OPS = (F.embedding, aten.embedding.default)
+MARK = "lora_fx"  # node.meta key set on every node a pass adds, and on the graph once rewritten
+
+_ROOT = re.compile(r"^(?:[LG]\[[^\]]*\])(?:\[[^\]]*\])*")
+
+
+def normalize_path(path: str) -> str:
+    """A dotted module / parameter path from a dynamo source or nn_module_stack string.
+
+    ``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``;
+    ``L['args'][0].model.layers[0].mlp`` -> ``model.layers.0.mlp``; export paths pass through.
+    """
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\[", "[", path)
+    path = re.sub(r"\[['\"]([^'\"]*)['\"]\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.strip(".")
+
+
+def module_fqn(node: fx.Node) -> str | None:
+    """The path of the module whose forward emitted ``node`` (None without module metadata)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _type = list(stack.values())[-1]
+    return normalize_path(path)
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    """The fake (or real) tensor an FX node stands for, when the graph carries one."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def fake_mode_of(values: Any) -> Any:
+    """The fake mode of the first fake tensor among ``values`` (the graph's own mode; inside a
+    backend the tracing context holds a different one, so detect_fake_mode would mislead)."""
+    return next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
+
+
+@dataclass
+class Site:
+    """One linear-like op in a graph, attributed to a module.
+
+    kind: "linear" (y = x W^T + b, W (out, in)), "conv1d" (addmm(b, x2d, W), W (in, out)),
+    or "embedding" (y = W[x], W (vocab, dim)).
+    """
+
+    node: fx.Node
+    fqn: str
+    kind: str
+
+    @property
+    def _is_aten_embedding(self) -> bool:
+        return self.node.target is aten.embedding.default
+
+    @property
+    def x(self) -> fx.Node:
+        if self.kind == "conv1d" or self._is_aten_embedding:
+            return self.node.args[1]
+        return self.node.args[0]
+
+    @property
+    def weight(self) -> fx.Node:
+        if self.kind == "conv1d":
+            return self.node.args[2]
+        return self.node.args[0] if self._is_aten_embedding else self.node.args[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        if self.kind == "conv1d":
+            return self.node.args[0]
+        if self.kind == "embedding":
+            return None
+        return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+
+    def set_weight(self, new: fx.Node) -> None:
+        idx = 2 if self.kind == "conv1d" else 0 if self._is_aten_embedding else 1
+        self.node.update_arg(idx, new)
+
+    def set_bias(self, new: fx.Node) -> None:
+        assert self.kind != "embedding"
+        if self.kind == "conv1d" or len(self.node.args) > 2:
+            self.node.update_arg(0 if self.kind == "conv1d" else 2, new)
+        elif "bias" in self.node.kwargs:
+            self.node.update_kwarg("bias", new)
+        else:
+            self.node.args = (*self.node.args[:2], new)
+
+
+def _site_kind(node: fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    if node.target in LINEAR_OPS:
+        return "linear"
+    if node.target in ADDMM_OPS:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        return "conv1d"
+    if node.target in EMBEDDING_OPS:
+        return "embedding"
+    return None
+
+
+def find_sites(graph: fx.Graph, fallback_paths: dict[fx.Node, str] | None = None) -> tuple[list[Site], list[fx.Node]]:
+    """Every linear-like op and its module fqn; also the ops that could not be attributed.
+
+    The module comes from ``nn_module_stack`` (the module whose forward made the call, which is
+    right for tied weights too); without it, from the weight's parameter path in
+    ``fallback_paths`` (``layers.0.fc.weight`` -> ``layers.0.fc``).
+    """
+    sites, unattributed = [], []
+    for node in graph.nodes:
+        kind = _site_kind(node)
+        if kind is None or node.meta.get(MARK):
+            continue
+        fqn = module_fqn(node)
+        if fqn is None and fallback_paths:
+            weight = Site(node, "", kind).weight
+            path = fallback_paths.get(weight)
+            fqn = path.rpartition(".")[0] if path else None
+        if fqn is None:
+            unattributed.append(node)
+        else:
+            sites.append(Site(node, fqn, kind))
+    return sites, unattributed
+
+
+def inline_leaf_modules(gm: fx.GraphModule) -> int:
+    """Turn call_module Linear / Embedding nodes (symbolic_trace) into F.linear / F.embedding
+    calls on get_attr weights, so every graph kind has the same op forms. Returns the count."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            if isinstance(mod, torch.nn.Linear):
+                b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                new = gm.graph.call_function(F.linear, (node.args[0], w, b))
+            else:
+                new = gm.graph.call_function(F.embedding, (node.args[0], w, mod.padding_idx, mod.max_norm,
+                                                            mod.norm_type, mod.scale_grad_by_freq, mod.sparse))
+        new.meta = dict(node.meta)
+        new.meta.setdefault("nn_module_stack", {node.target: (node.target, type(mod))})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """Add a call_function node (marked as lora_fx's) with its fake value, when inputs have one."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    node.meta[MARK] = True
+
+    def val(n: fx.Node) -> Any:
+        return n.meta.get("val", n.meta.get("example_value"))
+
+    if node.all_input_nodes and all(val(n) is not None for n in node.all_input_nodes):
+        vargs, vkwargs = fx.node.map_arg((args, kwargs), val)
+        mode = fake_mode_of(torch.utils._pytree.tree_leaves((vargs, vkwargs)))
+        if mode is not None:
+            with mode:
+                node.meta["val"] = node.meta["example_value"] = target(*vargs, **vkwargs)
+    return node

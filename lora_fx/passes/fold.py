@@ -1,0 +1,23 @@
+"""Fold pass: the base op reads W' = W + scale * B A (and b' for lora_bias) instead of W.
+
+W' is computed once, outside the graph; the compiled code is the base model's with W' in place of
+W, so it costs exactly what the base model costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx
+
+from ..graph import Site
+
+
+def fold_lora_weights(graph: fx.Graph, sites: list[Site], tensors: Callable[[Site], dict[str, fx.Node]]) -> int:
+    """Point every site's weight (and bias, when folded) at the merged tensors."""
+    for site in sites:
+        t = tensors(site)
+        site.set_weight(t["weight"])
+        if "bias" in t:
+            site.set_bias(t["bias"])
+    return len(sites)
