@@ -105,6 +105,14 @@ class LoraBackend:
         """Branch mode's A and B tensors: pass them to an optimizer to train the adapter."""
         return self.state.parameters()
 
+    def named_parameters(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """Module fqn -> {"lora_a": (R, in), "lora_b": (out, R)}, padded to the rank budget R.
+
+        Embeddings keep A transposed, (vocab, R). Modules appear once a graph has used them.
+        """
+        return {fqn: {k: t for k, t in ts.items() if isinstance(t, torch.nn.Parameter)}
+                for fqn, ts in self.state.tensors.items() if self.mode == "branch"}
+
 
 def backend(adapters: Adapter | Sequence[Adapter], *, mode: str = "branch", inner: str | Callable = "inductor",
             max_rank: int | None = None) -> LoraBackend:

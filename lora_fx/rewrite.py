@@ -8,6 +8,7 @@ checks every adapter module is found exactly where expected, then runs the passe
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,8 +182,12 @@ def _rewrite_exported(ep: Any, state: LoraState) -> Any:
             state_dict[target] = t
         else:
             specs.append(by_name[node.name])
+    outputs = gm.graph.output_node().args[0]
+    out_specs = [dataclasses.replace(spec, arg=TensorArgument(outputs[i].name))
+                 if isinstance(spec.arg, TensorArgument) else spec
+                 for i, spec in enumerate(ep.graph_signature.output_specs)]
     sig = copy.copy(ep.graph_signature)
-    sig.input_specs = specs
+    sig.input_specs, sig.output_specs = specs, out_specs
     new = torch.export.ExportedProgram(
         root=gm, graph=gm.graph, graph_signature=sig, state_dict=state_dict,
         range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,

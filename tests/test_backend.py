@@ -1,0 +1,203 @@
+"""The torch.compile backend against PEFT on real architectures: logits, generate, counts, code."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from cases import CASE_IDS, CASES, example_ids, logits, peft_adapter, tiny_model
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lora_fx
+from lora_fx import GraphRewriteError, LoraConfig
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compiled_matches_peft(tmp_path, case, mode):
+    base, pm = peft_adapter(case, str(tmp_path))
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode)
+    compiled = torch.compile(base, backend=be, fullgraph=True)
+    ids = example_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+    assert len(be.reports[0].modules) == len(lora_fx.load_adapter(tmp_path).modules)
+
+
+def greedy(model, ids, n=6):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+@pytest.mark.parametrize("name", ["llama_all_linear_rslora", "gpt2_conv1d"])
+def test_generate_matches_peft_tokens(tmp_path, name, mode):
+    case = next(c for c in CASES if c.name == name)
+    base, pm = peft_adapter(case, str(tmp_path))
+    ids = example_ids(batch=1, seq=5)
+    with torch.no_grad():
+        want = greedy(pm, ids)
+        assert not torch.equal(want, greedy(base, ids)), "the adapter must change the tokens"
+        base.forward = torch.compile(base.forward, backend=lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode))
+        got = greedy(base, ids)
+    assert torch.equal(got, want)
+
+
+def run_counted(model, inner_backend, fn):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.forward = torch.compile(model.forward, backend=inner_backend(counter))
+    with torch.no_grad():
+        fn(model)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    return counter.frame_count, counter.op_count > 0, breaks
+
+
+@pytest.mark.parametrize("what", ["forward", "generate"])
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_no_extra_graphs_breaks_or_recompiles(tmp_path, what, mode):
+    case = next(c for c in CASES if c.name == "llama_qv")
+    _, _ = peft_adapter(case, str(tmp_path))
+    ad = lora_fx.load_adapter(tmp_path)
+    ids = example_ids(batch=1, seq=5)
+
+    def work(model):
+        if what == "forward":
+            model(input_ids=ids)
+            model(input_ids=example_ids(batch=1, seq=9))  # one dynamic recompile, as the base
+        else:
+            greedy(model, ids)
+
+    base_counts = run_counted(tiny_model("llama"), lambda counter: counter, work)
+    ours = run_counted(tiny_model("llama"), lambda counter: lora_fx.backend(ad, mode=mode, inner=counter), work)
+    assert base_counts[0] >= 1
+    assert ours == base_counts
+
+
+def matmul_calls(code: str) -> int:
+    return sum(code.count(k) for k in ("extern_kernels.mm(", "extern_kernels.addmm(", "extern_kernels.bmm(",
+                                       "extern_kernels.baddbmm(", "torch.ops.aten.mm", "aten.addmm"))
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("name", ["llama_all_linear_rslora", "gpt2_conv1d"])
+def test_fold_code_has_the_base_models_matmuls(tmp_path, name):
+    from torch._inductor.utils import run_and_get_code
+
+    case = next(c for c in CASES if c.name == name)
+    base, _ = peft_adapter(case, str(tmp_path))
+    ids = example_ids()
+    with torch.no_grad():
+        _, base_code = run_and_get_code(torch.compile(copy.deepcopy(base)), input_ids=ids)
+        torch._dynamo.reset()
+        be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="fold")
+        _, fold_code = run_and_get_code(torch.compile(base, backend=be), input_ids=ids)
+        torch._dynamo.reset()
+        be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="branch")
+        _, branch_code = run_and_get_code(torch.compile(copy.deepcopy(base), backend=be), input_ids=ids)
+    n_base = matmul_calls("\n".join(base_code))
+    assert n_base > 0
+    assert matmul_calls("\n".join(fold_code)) == n_base
+    assert matmul_calls("\n".join(branch_code)) > n_base  # the counter can tell the difference
+
+
+def test_training_step_matches_peft(tmp_path):
+    case = next(c for c in CASES if c.name == "llama_patterns")
+    base, pm = peft_adapter(case, str(tmp_path))
+    pm.train()
+    ids = example_ids(seq=6)
+    pm_loss = pm(input_ids=ids, labels=ids).loss
+    pm_loss.backward()
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="branch", inner="aot_eager")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    compiled = torch.compile(base, backend=be)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, pm_loss, atol=1e-5, rtol=1e-5)
+    params = be.named_parameters()
+    assert params, "branch mode exposes A and B"
+    peft_mods = dict(pm.base_model.model.named_modules())
+    for fqn, tensors in params.items():
+        r = peft_mods[fqn].lora_A["default"].weight.shape[0]
+        torch.testing.assert_close(tensors["lora_a"].grad[:r], peft_mods[fqn].lora_A["default"].weight.grad,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tensors["lora_b"].grad[:, :r], peft_mods[fqn].lora_B["default"].weight.grad,
+                                   atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in base.parameters())
+    # an optimizer step is seen by the next call, without recompiling
+    opt = torch.optim.SGD(be.parameters(), lr=1.0)
+    opt.step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        after = compiled(input_ids=ids, labels=ids).loss
+    assert abs(after.item() - loss.item()) > 1e-4
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_bf16_model_with_fp32_adapter_matches_peft(tmp_path, mode):
+    case = next(c for c in CASES if c.name == "llama_dora")
+    base, _ = peft_adapter(case, str(tmp_path))
+    base = base.to(torch.bfloat16)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ids = example_ids()
+    compiled = torch.compile(base, backend=lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode))
+    with torch.no_grad():
+        want, got = logits(pm, ids).float(), logits(compiled, ids).float()
+        plain = logits(base, ids).float()
+    assert got.dtype == torch.float32 and (want - plain).abs().max() > 0.05
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_bf16_adapter_on_fp32_model_matches_reference(tmp_path, mode):
+    base, _ = peft_adapter(CASES[0], str(tmp_path))
+    ad = lora_fx.load_adapter(tmp_path, dtype=torch.bfloat16)
+    ids = example_ids()
+    compiled = torch.compile(base, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    with torch.no_grad():
+        got = logits(compiled, ids)
+        want = lora_fx.lora_forward(base, ad, input_ids=ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_dynamic_shapes(tmp_path):
+    base, pm = peft_adapter(CASES[0], str(tmp_path))
+    compiled = torch.compile(base, backend=lora_fx.backend(lora_fx.load_adapter(tmp_path), inner="aot_eager"),
+                             dynamic=True)
+    with torch.no_grad():
+        for seq in (3, 8, 11):
+            ids = example_ids(seq=seq)
+            torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+
+
+def test_target_the_model_lacks_is_an_error(tmp_path):
+    base = tiny_model("llama")
+    ad = lora_fx.init_adapter(base, LoraConfig(target_modules=["q_proj"]))
+    ad.modules["model.layers.9.self_attn.q_proj"] = ad.modules["model.layers.0.self_attn.q_proj"]
+    compiled = torch.compile(base, backend=lora_fx.backend(ad, inner="eager"))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e:  # dynamo wraps every backend error
+        compiled(input_ids=example_ids())
+    assert isinstance(e.value.inner_exception, GraphRewriteError)
+    assert "model.layers.9.self_attn.q_proj: expected a linear" in str(e.value)
+
+
+def test_dynamo_graph_is_not_mutated(tmp_path):
+    base = tiny_model("llama")
+    ad = lora_fx.init_adapter(base, LoraConfig(target_modules=["q_proj"]))
+    seen = {}
+
+    def spy(gm, example_inputs):
+        seen["before"] = [n.format_node() for n in gm.graph.nodes]
+        be = lora_fx.backend(ad, inner="eager")
+        out = be(gm, example_inputs)
+        seen["after"] = [n.format_node() for n in gm.graph.nodes]
+        return out
+
+    torch.compile(base, backend=spy)(input_ids=example_ids())
+    assert seen["before"] == seen["after"]
