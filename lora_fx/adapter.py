@@ -156,7 +156,8 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
             weight = mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.T
             want_a, want_b = (w.rank, weight.shape[1]), (weight.shape[0], w.rank)
         else:
-            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D or nn.Embedding, found {type(mod).__name__}")
+            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D or nn.Embedding, "
+                            f"found {type(mod).__name__} (not supported)")
             continue
         if w.embedding != isinstance(mod, torch.nn.Embedding):
             problems.append(f"{fqn}: adapter holds {'embedding' if w.embedding else 'linear'} LoRA tensors, "

@@ -91,7 +91,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> 
     for s in chosen:
         emb = wanted[s.fqn][0].embedding
         if emb != (s.kind == "embedding"):
-            problems.append(f"{s.fqn}: adapter holds {'embedding' if emb else 'linear'} LoRA, the graph's op is {s.kind}")
+            held = "embedding" if emb else "linear"
+            problems.append(f"{s.fqn}: adapter holds {held} LoRA, the graph's op is {s.kind}")
         w = inputs.value(s.weight)
         if w is None:
             problems.append(f"{s.fqn}: expected its weight to be a parameter of the graph, found {s.weight}")

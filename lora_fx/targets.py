@@ -145,9 +145,8 @@ def unmatched_patterns(config: LoraConfig, names: Iterable[str]) -> list[str]:
     """Entries of a list-valued target_modules that match none of ``names`` (a likely typo)."""
     targets = config.target_modules
     names = list(names)
-    if isinstance(targets, str) or targets is None:
-        if isinstance(targets, str) and targets != ALL_LINEAR:
-            if not any(re.fullmatch(targets, n) for n in names):
-                return [targets]
+    if targets is None or targets == ALL_LINEAR:
         return []
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
     return [t for t in targets if not any(_matches_list([t], n) for n in names)]
