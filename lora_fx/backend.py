@@ -10,13 +10,14 @@ The tensors are shared by all graphs, so swapping adapters is an in-place copy, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import fx
 
-from .adapter import Adapter, as_adapters
+from .adapter import Adapter
 from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, rewrite_graph
 from .state import LoraState
@@ -67,26 +68,34 @@ def _static_fakes(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return [mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
+Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]]
+
+
 class LoraBackend:
     """A dynamo backend that applies LoRA adapters to every graph it compiles.
 
     Args:
-        adapters: an Adapter or a list of them (summed).
+        adapters: an Adapter or a list of them (summed), or a mapping name -> Adapter (or list)
+            for mixed-adapter batches (branch mode; pick each row's adapter with ``select``).
         mode: "branch" or "fold".
         inner: "inductor", "aot_eager", "eager" or a dynamo backend callable.
-        max_rank: branch mode's rank budget (default: the largest rank seen).
+        max_rank: branch mode's rank budget, the largest total rank ``swap`` accepts later
+            (default: the largest rank of ``adapters``).
 
     Attributes:
         reports: one RewriteReport per compiled graph.
+
+    Swapping, scaling, disabling and selecting never recompile: they refill, in place, the
+    tensors every compiled graph reads.
     """
 
-    def __init__(self, adapters: Adapter | Sequence[Adapter], *, mode: str = "branch",
-                 inner: str | Callable = "inductor", max_rank: int | None = None):
+    def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
+                 max_rank: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
         self.mode = mode
         self.inner = _inner_backend(inner)
-        self.state = LoraState(as_adapters(adapters), mode, max_rank)
+        self.state = LoraState(adapters, mode, max_rank)
         self.reports: list[RewriteReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
@@ -101,6 +110,57 @@ class LoraBackend:
 
         return run
 
+    def swap(self, adapters: Adapters) -> None:
+        """Replace the active adapter(s) in place; the next call equals a fresh compile with them.
+
+        Branch mode copies into the tensors padded to the rank budget; fold mode recomputes
+        W' = W + scale * B A in place. A new adapter may target the compiled modules or a subset
+        (the others contribute nothing). With a mixed-batch backend, pass a mapping of the slot
+        names to replace.
+
+        Raises:
+            SwapError: a module the compiled graphs lack, a rank above the budget, DoRA where the
+                graph has plain LoRA (or the reverse), a new lora_bias or replaced tensor.
+        """
+        self.state.swap(adapters)
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply every adapter's scale by ``scale`` (0 runs the base model)."""
+        self.state.multiplier = float(scale)
+        self.state.refill()
+
+    def disable(self) -> None:
+        """Run the base model (adapters and replaced tensors off) until ``enable``."""
+        self.state.enabled = False
+        self.state.refill()
+
+    def enable(self) -> None:
+        """Undo ``disable``."""
+        self.state.enabled = True
+        self.state.refill()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """``with be.disabled(): model(x)`` runs the base model inside the block."""
+        was = self.state.enabled
+        self.disable()
+        try:
+            yield
+        finally:
+            if was:
+                self.enable()
+
+    def select(self, rows: Sequence[str | None]) -> None:
+        """Mixed batches: row i of the following calls uses adapter ``rows[i]`` (None: the base model).
+
+        With beam search (num_beams = k), give one name per input row: the selection is repeated
+        for the k beams of each row, as PEFT's ``adapter_names`` is.
+
+        Raises:
+            SwapError: an unknown name, or a backend built without named adapters.
+        """
+        self.state.select(rows)
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """Branch mode's A and B tensors: pass them to an optimizer to train the adapter."""
         return self.state.parameters()
@@ -114,7 +174,10 @@ class LoraBackend:
                 for fqn, ts in self.state.tensors.items() if self.mode == "branch"}
 
 
-def backend(adapters: Adapter | Sequence[Adapter], *, mode: str = "branch", inner: str | Callable = "inductor",
+def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
             max_rank: int | None = None) -> LoraBackend:
-    """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``."""
+    """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
+
+    See :class:`LoraBackend` for the arguments.
+    """
     return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank)

@@ -20,7 +20,7 @@ from . import graph as g
 from .adapter import Adapter, as_adapters
 from .errors import GraphRewriteError, raise_if
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
-from .passes import fold_lora_weights, insert_lora_branches, substitute_tensors
+from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
 from .state import LoraState
 
 MODES = ("branch", "fold")
@@ -66,10 +66,11 @@ class RewriteReport:
 
 def _describe(state: LoraState, fqn: str, kind: str) -> str:
     ws = state.modules[fqn]
-    variant = "DoRA" if ws[0].magnitude is not None else "rsLoRA" if ws[0].embedding is False and any(
-        a.config.use_rslora for a in state.adapters if fqn in a.modules) else "LoRA"
+    rslora = any(a.config.use_rslora for slot in state.slots for a in slot if fqn in a.modules)
+    variant = "DoRA" if ws[0].magnitude is not None else "rsLoRA" if rslora else "LoRA"
     ranks = "+".join(str(w.rank) for w in ws)
-    return f"{state.mode} {kind} r={ranks} {variant}" + (" +bias" if any(w.bias is not None for w in ws) else "")
+    mode = "mixed-batch branch" if state.mixed else state.mode
+    return f"{mode} {kind} r={ranks} {variant}" + (" +bias" if any(w.bias is not None for w in ws) else "")
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> RewriteReport:
@@ -110,7 +111,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> 
             problems.append(f"{path}: expected shape {tuple(inputs.value(node).shape)}, "
                             f"found {tuple(state.overrides[path].shape)}")
         else:
-            replacements[node] = inputs.add(f"{path}.lora_fx", state.override(path))
+            replacements[node] = inputs.add(f"{path}.lora_fx", state.override(path, inputs.value(node)))
     raise_if(problems, GraphRewriteError, "cannot apply the adapter to this graph:")
     report = RewriteReport(state.mode)
     report.substituted = sorted(state.overrides)
@@ -126,6 +127,12 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> 
     before = len(inputs.values)
     if state.mode == "fold":
         report.sites = fold_lora_weights(graph, chosen, nodes)
+    elif state.mixed:
+        index, rows = inputs.add("lora_fx.index", state.index), inputs.add("lora_fx.rows", state.rows)
+        for s in chosen:
+            vocab = inputs.value(s.weight).shape[0] if s.kind == "embedding" else 0
+            insert_mixed_lora_branch(graph, s, nodes(s), index, rows, state.modules[s.fqn][0].lora_a.dtype, vocab)
+        report.sites = len(chosen)
     else:
         report.sites = insert_lora_branches(graph, chosen, lambda s: (nodes(s), state.modules[s.fqn][0].lora_a.dtype))
     report.added_inputs = len(inputs.values) - before + len(replacements)

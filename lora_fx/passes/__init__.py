@@ -2,6 +2,7 @@
 
 from .branch import insert_lora_branches
 from .fold import fold_lora_weights
+from .mixed import insert_mixed_lora_branch
 from .substitute import substitute_tensors
 
-__all__ = ["fold_lora_weights", "insert_lora_branches", "substitute_tensors"]
+__all__ = ["fold_lora_weights", "insert_lora_branches", "insert_mixed_lora_branch", "substitute_tensors"]
