@@ -161,6 +161,11 @@ class LoraBackend:
         """
         self.state.select(rows)
 
+    def trained_adapter(self) -> Adapter:
+        """The adapter with A and B as they are now (after training); ``.save(dir)`` writes PEFT's format."""
+        adapters = self.state.trained_adapters()
+        return adapters[0] if len(adapters) == 1 else adapters
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """Branch mode's A and B tensors: pass them to an optimizer to train the adapter."""
         return self.state.parameters()

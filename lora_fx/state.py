@@ -20,6 +20,7 @@ op's own layout, and ``bias`` when lora_bias changes it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -52,8 +53,8 @@ def branch_tensors(ws: list[LoraWeights], rank: int, kind: str, weight: torch.Te
     if any(w.bias is not None for w in ws):
         out["lora_bias"] = lora_bias
     dora = [w for w in ws if w.magnitude is not None]
-    if dora:
-        assert len(ws) == 1 and weight is not None, "DoRA is applied alone (checked by combined_modules)"
+    if dora and weight is not None:  # without the base weight (before any graph), A and B only
+        assert len(ws) == 1, "DoRA is applied alone (checked by combined_modules)"
         weight_oi = (weight.T if kind == "conv1d" else weight).detach()
         merged = weight_oi.float() + dora[0].scaled(multiplier).delta_weight()
         ds = (dora[0].magnitude.float() / torch.linalg.norm(merged, dim=1)).to(weight_oi.dtype)
@@ -122,12 +123,27 @@ class LoraState:
         self.rank = max_rank or needed
         self.multiplier, self.enabled = 1.0, True
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        # fqn -> (kind, base weight, base bias, (out, in), lora dtype), fixed at first build
+        # fqn -> (kind, base weight, base bias, (out, in), lora dtype); the base tensors come with
+        # the first graph that shows the module, the rest from the first adapter
         self.base: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None, tuple[int, int], torch.dtype]] = {}
+        self.ready: set[str] = set()
+        # fqn -> ((out, in), lora dtype, DoRA, lora_bias): what the graphs are built for, from the first adapters
+        self.layout = {fqn: ((ws[0].lora_b.shape[0], ws[0].lora_a.shape[1]), ws[0].lora_a.dtype,
+                             any(w.magnitude is not None for w in ws), any(w.bias is not None for w in ws))
+                       for fqn, ws in self.modules.items()}
         self.override_tensors: dict[str, torch.Tensor] = {}
         self.override_base: dict[str, torch.Tensor] = {}
         self.index = torch.zeros(MAX_ROWS, dtype=torch.long)  # mixed batches: slot of each selected row
         self.rows = torch.ones((), dtype=torch.long)  # how many rows were selected
+        if mode == "branch":  # A and B exist before any graph, so an optimizer can be built first
+            for fqn, ws in self.modules.items():
+                self._set_base(fqn, "embedding" if ws[0].embedding else "linear", None, None)
+                built = self._build(fqn)
+                self.tensors[fqn] = {r: torch.nn.Parameter(built[r]) for r in ("lora_a", "lora_b")}
+
+    def _set_base(self, fqn: str, kind: str, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        shape, dtype, _, _ = self.layout[fqn]
+        self.base[fqn] = (kind, weight, bias, shape, dtype)
 
     def _set_slots(self, slots: list[list[Adapter]]) -> None:
         self.slots = slots
@@ -149,14 +165,13 @@ class LoraState:
 
     def module_tensors(self, fqn: str, kind: str, weight: torch.Tensor | None,
                        bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The tensors of module ``fqn`` (built on first use)."""
-        if fqn not in self.tensors:
-            like = self.modules[fqn][0]
-            self.base[fqn] = (kind, weight, bias, (like.lora_b.shape[0], like.lora_a.shape[1]), like.lora_a.dtype)
-            self.tensors[fqn] = self._build(fqn)
-            if self.mode == "branch":
-                for role in ("lora_a", "lora_b"):
-                    self.tensors[fqn][role] = torch.nn.Parameter(self.tensors[fqn][role])
+        """The tensors of module ``fqn``, completed when a graph first shows its op."""
+        if fqn not in self.ready:
+            self._set_base(fqn, kind, weight, bias)
+            tensors = self.tensors.setdefault(fqn, {})
+            for role, t in self._build(fqn).items():
+                tensors.setdefault(role, t)  # A and B keep their Parameter objects
+            self.ready.add(fqn)
         return self.tensors[fqn]
 
     def override(self, path: str, base_value: torch.Tensor) -> torch.Tensor:
@@ -184,6 +199,26 @@ class LoraState:
         if kind == "embedding":  # ((N + 1) * vocab, R): one lookup with ids offset by slot * vocab
             stacked["lora_a"] = stacked["lora_a"].reshape(-1, stacked["lora_a"].shape[-1])
         return stacked
+
+    def trained_adapters(self) -> list[Adapter]:
+        """The slot's adapters with A and B read back from the (trained) branch tensors."""
+        if self.mode != "branch" or self.mixed:
+            raise SwapError("trained_adapters: expected a branch-mode backend with one adapter set")
+        out = []
+        offsets = dict.fromkeys(self.tensors, 0)
+        for adapter in self.slots[0]:
+            mods = {}
+            for fqn, w in adapter.modules.items():
+                t, at = self.tensors.get(fqn), offsets.get(fqn, 0)
+                if t is None:
+                    mods[fqn] = w
+                    continue
+                a = t["lora_a"].T if w.embedding else t["lora_a"]
+                mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().clone(),
+                                                lora_b=t["lora_b"][:, at:at + w.rank].detach().clone())
+                offsets[fqn] = at + w.rank
+            out.append(dataclasses.replace(adapter, modules=mods))
+        return out
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Branch mode's trainable A and B tensors, module by module."""
@@ -232,26 +267,22 @@ class LoraState:
             p.append(f"rank {needed}: above the rank budget {self.rank}; pass max_rank={needed} (or more) "
                      "to lora_fx.backend")
         for fqn, ws in self.modules.items():
-            if fqn not in self.tensors:
+            if fqn not in self.layout:
                 p.append(f"{fqn}: not in the compiled graphs (a superset of the first adapter's modules); "
                          "list it in the adapters the backend was built with")
                 continue
-            roles = self.tensors[fqn]
-            kind, weight = self.base[fqn][:2]
-            if self.mode == "branch" and any(w.magnitude is not None for w in ws) != ("dora_scale" in roles):
+            shape, _, dora, lora_bias = self.layout[fqn]
+            kind = self.base[fqn][0] if fqn in self.base else ("embedding" if ws[0].embedding else "linear")
+            if self.mode == "branch" and any(w.magnitude is not None for w in ws) != dora:
                 p.append(f"{fqn}: DoRA and plain LoRA compile differently; expected "
-                         f"{'DoRA' if 'dora_scale' in roles else 'plain LoRA'} here")
-            if self.mode == "branch" and any(w.bias is not None for w in ws) and "lora_bias" not in roles:
-                p.append(f"{fqn}: lora_bias needs a bias the compiled graph lacks; build the backend with it")
-            if self.mode == "fold" and any(w.bias is not None for w in ws) and "bias" not in roles:
+                         f"{'DoRA' if dora else 'plain LoRA'} here")
+            if any(w.bias is not None for w in ws) and not lora_bias:
                 p.append(f"{fqn}: lora_bias needs a bias the compiled graph lacks; build the backend with it")
             if ws[0].embedding != (kind == "embedding"):
                 p.append(f"{fqn}: expected {kind} LoRA tensors, found {'embedding' if ws[0].embedding else 'linear'}")
-            want = {"linear": weight.shape, "conv1d": weight.shape[::-1], "embedding": weight.shape[::-1]}[kind]
             for w in ws:
-                if (w.lora_b.shape[0], w.lora_a.shape[1]) != tuple(want):
-                    p.append(f"{fqn}: expected LoRA for (out, in) = {tuple(want)}, "
-                             f"found {(w.lora_b.shape[0], w.lora_a.shape[1])}")
+                if (w.lora_b.shape[0], w.lora_a.shape[1]) != shape:
+                    p.append(f"{fqn}: expected LoRA for (out, in) = {shape}, found {(w.lora_b.shape[0], w.lora_a.shape[1])}")
         for path in self.overrides:
             if path not in self.override_tensors:
                 p.append(f"{path}: the new adapter replaces this tensor, the compiled graphs do not")

@@ -1,0 +1,318 @@
+"""Benchmark: lora_fx against PEFT and the compiled base model, as ratios measured side by side.
+
+    python benchmarks/bench.py                # or: lora-fx bench
+    python benchmarks/bench.py --hidden 2048 --layers 16 --dtype bfloat16 --device cuda
+
+Each compiled variant runs in its own process beside its own compiled base model (so dynamo's
+cache entries per code object stay comparable); inside a process the variants are timed in turn,
+call by call, and each figure is a median over many calls. Ratios are to that process's compiled
+base. Results go to benchmarks/results/<tag>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+GROUPS = {  # process -> variants timed together with their own compiled base
+    "eager": ["eager base", "PEFT eager", "PEFT merged eager"],
+    "peft-compiled": ["PEFT compiled"],
+    "fold": ["lora_fx fold"],
+    "branch": ["lora_fx branch"],
+    "mixed": ["lora_fx branch", "lora_fx mixed x4"],
+}
+WORKLOADS = ("prefill", "decode", "decode b8", "generate")
+CACHE_KW = "cache" if "cache" in __import__("inspect").signature(
+    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args: argparse.Namespace):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(1, args.hidden // 64)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval().to(args.device, getattr(torch, args.dtype))
+
+
+def make_adapter(model, args, seed: int, out_dir: str):
+    import lora_fx
+    from lora_fx.testing import random_adapter
+
+    cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
+    ad = random_adapter(model.cpu().float(), cfg, seed=seed, std=0.02)
+    model.to(args.device, getattr(torch, args.dtype))
+    ad.save(out_dir)
+    return lora_fx.load_adapter(out_dir)
+
+
+class Inputs:
+    """Inputs per workload; decode caches are cropped back to the prompt length after each call."""
+
+    def __init__(self, args):
+        gen = torch.Generator().manual_seed(0)
+        self.args = args
+        self.prefill = torch.randint(0, args.vocab, (1, args.seq), generator=gen).to(args.device)
+        self.prompt = {b: torch.randint(0, args.vocab, (b, args.seq), generator=gen).to(args.device) for b in (1, 8)}
+        self.step = {b: torch.randint(0, args.vocab, (b, 1), generator=gen).to(args.device) for b in (1, 8)}
+
+    def workload(self, model, name: str) -> Callable[[], object]:
+        if name == "prefill":
+            return lambda: model(input_ids=self.prefill, use_cache=False)
+        if name == "generate":
+            ids = self.prompt[1][:, :16]
+            return lambda: model.generate(ids, max_new_tokens=self.args.new_tokens, do_sample=False,
+                                          min_new_tokens=self.args.new_tokens, pad_token_id=0)
+        b = 8 if name == "decode b8" else 1
+        first = model(input_ids=self.prompt[b], use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5 / 4 name
+
+        def step():
+            out = model(input_ids=self.step[b], **{CACHE_KW: cache}, use_cache=True)
+            cache.crop(-1)  # back to the prompt length
+            return out
+
+        return step
+
+
+def sync(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, args) -> float:
+    sync(args)
+    t = time.perf_counter()
+    fn()
+    sync(args)
+    return time.perf_counter() - t
+
+
+def compiled_forward(model, backend=None):
+    model.forward = torch.compile(model.forward, backend=backend or "inductor", dynamic=True)
+    return model
+
+
+def variants_for(group: str, args, tmp: str) -> dict:
+    """name -> (model, select-hook or None); the first entry is the group's compiled base."""
+    import peft
+
+    import lora_fx
+
+    base = build(args)
+    adapters = [make_adapter(base, args, seed, os.path.join(tmp, f"a{seed}")) for seed in range(4)]
+    out = {"compiled base": compiled_forward(copy.deepcopy(base))}
+    extra = {}
+    for name in GROUPS[group]:
+        if name == "eager base":
+            out[name] = copy.deepcopy(base)
+        elif name.startswith("PEFT"):
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(tmp, "a0")).eval()
+            if name == "PEFT merged eager":
+                pm = pm.merge_and_unload()
+            elif name == "PEFT compiled":
+                pm.forward = torch.compile(pm.forward, dynamic=True)
+            out[name] = pm
+        elif name in ("lora_fx fold", "lora_fx branch"):
+            be = lora_fx.backend(adapters[0], mode=name.split()[-1])
+            out[name] = compiled_forward(copy.deepcopy(base), be)
+            extra[name] = be
+        elif name == "lora_fx mixed x4":
+            be = lora_fx.backend({f"a{i}": a for i, a in enumerate(adapters)}, mode="branch")
+            be.select([f"a{i % 4}" for i in range(8)])
+            out[name] = compiled_forward(copy.deepcopy(base), be)
+            extra[name] = be
+    return out, extra, adapters, base
+
+
+def weights_bytes(model, be=None) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    if be is not None:
+        n += sum(t.numel() * t.element_size() for ts in be.state.tensors.values() for t in ts.values())
+    return n
+
+
+def run_group(group: str, args) -> dict:
+    torch._inductor.config.fx_graph_cache = False  # cold compiles, measured
+    torch._dynamo.config.recompile_limit = 64
+    res: dict = {"group": group, "times": {}, "compile_s": {}, "weights_mib": {}}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        models, backends, adapters, base = variants_for(group, args, tmp)
+        inputs = Inputs(args)
+        warm = build(argparse.Namespace(**{**vars(args), "layers": 1}))  # first-compile costs out of the figures
+        inputs.workload(compiled_forward(warm), "prefill")()
+        for name, model in models.items():
+            res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
+            t = time.perf_counter()
+            inputs.workload(model, "prefill")()
+            res["compile_s"][name] = time.perf_counter() - t
+        for wl in WORKLOADS:
+            if wl != "decode b8" and group == "mixed" or wl == "generate" and group == "mixed":
+                continue
+            fns = {name: inputs.workload(m, wl) for name, m in models.items()}
+            for fn in fns.values():  # compile and warm up
+                for _ in range(2):
+                    fn()
+            reps = {"prefill": args.reps // 2, "generate": max(3, args.reps // 10)}.get(wl, args.reps)
+            samples = {name: [] for name in fns}
+            for _ in range(reps):
+                for name, fn in fns.items():
+                    samples[name].append(timed(fn, args))
+            res["times"][wl] = samples
+        if group in ("fold", "branch"):
+            res["swap_ms"] = swap_latency(models[f"lora_fx {group}"], backends[f"lora_fx {group}"], adapters, tmp,
+                                          inputs)
+        if group == "peft-compiled":
+            res["swap_ms"] = peft_swap_latency(models["PEFT compiled"], tmp)
+    return res
+
+
+def swap_latency(model, be, adapters, tmp, inputs) -> dict:
+    import lora_fx
+
+    def load_and_swap(i):
+        be.swap(lora_fx.load_adapter(os.path.join(tmp, f"a{i % 4}")))
+
+    t_swap = statistics.median(timed(lambda i=i: be.swap(adapters[i % 4]), inputs.args) for i in range(20)) * 1e3
+    t_load = statistics.median(timed(lambda i=i: load_and_swap(i), inputs.args) for i in range(20)) * 1e3
+    # a recompile: a fresh backend with the next adapter, first call
+    fresh = copy.deepcopy(model)
+    fresh.forward = fresh.forward.__wrapped__ if hasattr(fresh.forward, "__wrapped__") else fresh.forward
+    torch._dynamo.reset()
+    compiled_forward(fresh, lora_fx.backend(adapters[1], mode=be.mode))
+    t_re = timed(inputs.workload(fresh, "prefill"), inputs.args) * 1e3
+    return {"swap": t_swap, "load + swap": t_load, "recompile": t_re}
+
+
+def peft_swap_latency(pm, tmp) -> dict:
+    from peft.utils.hotswap import hotswap_adapter
+
+    times = [timed(lambda i=i: hotswap_adapter(pm, os.path.join(tmp, f"a{i % 4}"), adapter_name="default"),
+                   argparse.Namespace(device="cpu")) for i in range(1, 21)]
+    return {"PEFT hotswap_adapter (load + swap)": statistics.median(times) * 1e3}
+
+
+def summarize(results: list[dict], args) -> tuple[str, dict]:
+    rows, table = [], {}
+    for res in results:
+        for wl, samples in res["times"].items():
+            base = statistics.median(samples["compiled base"])
+            for name, s in samples.items():
+                if name == "compiled base" and res["group"] != "eager":
+                    continue
+                med = statistics.median(s)
+                table.setdefault(name, {})[wl] = dict(median_ms=med * 1e3, min_ms=min(s) * 1e3, max_ms=max(s) * 1e3,
+                                                      ratio=med / base, ratio_min=min(s) / min(samples["compiled base"]))
+    for res in results:
+        for name, c in res["compile_s"].items():
+            if name in table and name != "compiled base" or res["group"] == "eager" and name == "compiled base":
+                table.setdefault(name, {})["compile_ratio"] = c / res["compile_s"]["compiled base"]
+                table[name]["weights_ratio"] = res["weights_mib"][name] / res["weights_mib"]["compiled base"]
+    head = "| variant | " + " | ".join(WORKLOADS) + " | compile | weights |"
+    rows.append(head)
+    rows.append("|" + "---|" * (len(WORKLOADS) + 3))
+    for name, t in table.items():
+        cells = []
+        for wl in WORKLOADS:
+            c = t.get(wl)
+            cells.append("" if c is None else f"{c['ratio']:.3f}x ({c['ratio_min']:.3f}x)")
+        comp = t.get("compile_ratio")
+        cells.append("" if comp is None or "eager" in name else f"{comp:.2f}x")
+        cells.append(f"{t.get('weights_ratio', 1):.3f}x")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    swaps = {k: v for res in results for k, v in (("lora_fx " + res["group"] + ": " + a, b)
+                                                 for a, b in res.get("swap_ms", {}).items())}
+    if swaps:
+        rows += ["", "| swap | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in swaps.items()]
+    return "\n".join(rows), {"table": table, "swap_ms": swaps}
+
+
+def chart(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in summary["table"] if any(w in summary["table"][n] for w in WORKLOADS)]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [summary["table"][name].get(w, {}).get("ratio", 0) for w in WORKLOADS]
+        ax.bar([x + i * width for x in range(len(WORKLOADS))], vals, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(WORKLOADS))], WORKLOADS)
+    ax.set_ylabel("time / compiled base (lower is better)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
+    p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
+    p.add_argument("--reps", type=int, default=40, help="timed calls per variant (decode; prefill takes half)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"processes to run, of {list(GROUPS)}")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--tag", default=None, help="file name stem (default: device-dtype)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(run_group(args.worker, args)), flush=True)
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or f"{args.device.split(':')[0]}-{args.dtype}"
+    results = []
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--groups")]
+    for group in args.groups.split(","):
+        t = time.time()
+        print(f"[bench] {group}: {GROUPS[group]} beside a compiled base ...", flush=True)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="lora_fx_bench_")}
+        proc = subprocess.run([sys.executable, "-m", "lora_fx.bench", *passthrough, "--worker", group],
+                              capture_output=True, text=True, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"[bench] {group} failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][7:]))
+        print(f"[bench] {group}: done in {time.time() - t:.0f}s", flush=True)
+    text, summary = summarize(results, args)
+    header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, r={args.rank} "
+              f"on all 7 projections, {args.dtype} on {args.device}; prefill {args.seq} tokens, decode with a "
+              f"{args.seq}-token KV cache, generate {args.new_tokens} tokens. Ratios: median time / the compiled "
+              f"base's median in the same process (in brackets: best call / best call). Absolute times are in the "
+              f"JSON file; compare them only within one process.")
+    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        f.write(header + "\n\n" + text + "\n")
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=1)
+    chart(summary, os.path.join(args.out, f"{tag}.png"))
+    print(header + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

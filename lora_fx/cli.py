@@ -1,0 +1,133 @@
+"""The ``lora-fx`` command: inspect an adapter, merge adapters into a model, run the benchmark.
+
+Every error prints one line and exits with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import targets
+from .adapter import model_problems
+from .errors import LoraFxError
+from .loading import load_adapter
+from .reference import merged_state_dict
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _load_model(directory: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if not os.path.isdir(directory):
+        raise LoraFxError(f"{directory}: expected a transformers model directory, found no such directory")
+    config = AutoConfig.from_pretrained(directory)
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    loader = AutoModelForCausalLM if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") else AutoModel
+    return loader.from_pretrained(directory).eval()
+
+
+def inspect(args: argparse.Namespace) -> int:
+    adapter = load_adapter(args.adapter)
+    cfg = adapter.config
+    variant = "DoRA" if cfg.use_dora else "rsLoRA" if cfg.use_rslora else "LoRA"
+    print(f"adapter {args.adapter}: {variant}, r={cfg.r}, lora_alpha={cfg.lora_alpha}, "
+          f"target_modules={cfg.target_modules!r}, base model {cfg.base_model_name_or_path or '(not recorded)'}")
+    rows = []
+    for fqn, w in adapter.modules.items():
+        kind = "embedding" if w.embedding else "linear"
+        v = "DoRA" if w.magnitude is not None else "rsLoRA" if cfg.use_rslora else "LoRA"
+        tensors = [t for t in (w.lora_a, w.lora_b, w.magnitude, w.bias) if t is not None]
+        n = sum(t.numel() for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        rows.append((fqn, kind, str(w.rank), f"{targets.alpha_of(cfg, fqn):g}", f"{w.scale:.4g}", v, f"{n:,}",
+                     _fmt_bytes(size)))
+    head = ("module", "kind", "rank", "alpha", "scale", "variant", "params", "bytes")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    total = sum(int(r[6].replace(",", "")) for r in rows)
+    print(f"{len(rows)} modules, {total:,} parameters; {len(adapter.overrides)} replaced tensors"
+          + (f": {', '.join(sorted(adapter.overrides))}" if adapter.overrides else ""))
+    if args.model:
+        model = _load_model(args.model)
+        matched = targets.matched_modules(cfg, model)
+        print(f"\nagainst {args.model}: the config matches {len(matched)} modules")
+        problems = model_problems(adapter, model)
+        for fqn in matched:
+            print(f"  matched  {fqn}" + ("" if fqn in adapter.modules else "   (no tensors in the adapter)"))
+        for p in problems:
+            print(f"  problem  {p}")
+        if problems:
+            return 1
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    scales = args.scale or [1.0] * len(args.adapter)
+    if len(scales) != len(args.adapter):
+        raise LoraFxError(f"--scale: expected one per --adapter ({len(args.adapter)}), found {len(scales)}")
+    adapters = [load_adapter(d, scale=s) for d, s in zip(args.adapter, scales)]
+    model = _load_model(args.model)
+    for a in adapters:
+        a.check(model)
+    model.load_state_dict(merged_state_dict(model, adapters))
+    model.save_pretrained(args.out, safe_serialization=True)
+    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.model, f))]
+    for f in copied:
+        shutil.copy(os.path.join(args.model, f), os.path.join(args.out, f))
+    print(f"merged {len(adapters)} adapter(s) into {args.out} ({len(copied)} tokenizer files copied)")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lora-fx", description="LoRA adapters inside torch.compile")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("inspect", help="summarise an adapter (and how it fits a model)")
+    s.add_argument("adapter")
+    s.add_argument("--model", help="a transformers model directory to check the adapter against")
+    s.set_defaults(func=inspect)
+    s = sub.add_parser("merge", help="write a model with adapters merged into its weights")
+    s.add_argument("--model", required=True)
+    s.add_argument("--adapter", action="append", required=True)
+    s.add_argument("--scale", action="append", type=float, help="load-time scale, one per --adapter")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=merge)
+    s = sub.add_parser("bench", help="run the benchmark (benchmarks/README: flags after --)")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=bench)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (LoraFxError, OSError, ValueError, KeyError) as e:
+        if args.debug:
+            raise
+        text = "; ".join(line.strip(" -") for line in str(e).splitlines() if line.strip())
+        print(f"lora-fx: error: {text}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

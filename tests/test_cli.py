@@ -1,0 +1,86 @@
+"""The lora-fx command and the generation example, run as a user runs them."""
+
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from cases import CASES, example_ids, logits, peft_adapter, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lora_fx_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lora_fx", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def model_and_adapter(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    case = next(c for c in CASES if c.name == "llama_dora")
+    base, pm = peft_adapter(case, str(d / "adapter"))
+    base.save_pretrained(str(d / "model"))
+    with torch.no_grad():
+        want = logits(pm, example_ids())
+    return d, want
+
+
+def test_inspect_lists_the_targeted_modules(model_and_adapter):
+    d, _ = model_and_adapter
+    r = lora_fx_cli("inspect", str(d / "adapter"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    rows = [line.split()[0] for line in lines if line.startswith("model.")]
+    assert sorted(rows) == sorted(f"model.layers.{i}.{m}" for i in (0, 1)
+                                  for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    assert "DoRA" in r.stdout and "6 modules" in r.stdout
+
+
+def test_inspect_against_a_model_reports_problems(model_and_adapter, tmp_path):
+    d, _ = model_and_adapter
+    r = lora_fx_cli("inspect", str(d / "adapter"), "--model", str(d / "model"))
+    assert r.returncode == 0 and "matches 6 modules" in r.stdout
+    small = tiny_model("llama", layers=1)
+    small.save_pretrained(str(tmp_path / "small"))
+    r = lora_fx_cli("inspect", str(d / "adapter"), "--model", str(tmp_path / "small"))
+    assert r.returncode == 1
+    assert "model.layers.1.self_attn.q_proj: adapter has LoRA tensors for it, the model has no such module" in r.stdout
+
+
+def test_merge_gives_peft_merged_logits(model_and_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    d, want = model_and_adapter
+    r = lora_fx_cli("merge", "--model", str(d / "model"), "--adapter", str(d / "adapter"), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(merged, example_ids()), want, atol=1e-4, rtol=1e-4)
+    pm = peft.PeftModel.from_pretrained(tiny_model("llama"), str(d / "adapter")).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(merged, example_ids()), logits(pm, example_ids()), atol=1e-4, rtol=1e-4)
+
+
+def test_errors_are_one_line_with_status_2(tmp_path):
+    r = lora_fx_cli("inspect", str(tmp_path / "missing"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("lora-fx: error:")
+    (tmp_path / "adapter_config.json").write_text('{"r": "x"}')
+    r = lora_fx_cli("inspect", str(tmp_path))
+    assert r.returncode == 2 and "r: expected a positive int" in r.stderr and "Traceback" not in r.stderr
+    r = lora_fx_cli("--debug", "inspect", str(tmp_path))
+    assert "Traceback" in r.stderr
+
+
+def test_generate_demo_runs_in_reduced_mode(tmp_path):
+    r = subprocess.run([sys.executable, "examples/generate.py", "--base-steps", "30", "--lora-steps", "20",
+                        "--max-new-tokens", "8", "--inner", "aot_eager", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "with the adapter (fold)" in r.stdout
+    for name in ("eager, PEFT-style hooks", "lora_fx fold", "lora_fx branch"):
+        assert name in r.stdout and "tokens/s" in r.stdout
+    assert os.path.isfile(tmp_path / "adapter_model.safetensors")
+    peft.PeftConfig.from_pretrained(str(tmp_path))  # PEFT reads what the demo saved
