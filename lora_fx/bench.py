@@ -30,6 +30,7 @@ GROUPS = {  # process -> variants timed together with their own compiled base
     "fold": ["lora_fx fold"],
     "branch": ["lora_fx branch"],
     "mixed": ["lora_fx branch", "lora_fx mixed x4"],
+    "compile": ["PEFT compiled", "lora_fx fold", "lora_fx branch"],  # cold compiles, one after another
 }
 WORKLOADS = ("prefill", "decode", "decode b8", "generate")
 CACHE_KW = "cache" if "cache" in __import__("inspect").signature(
@@ -146,22 +147,16 @@ def weights_bytes(model, be=None) -> int:
 
 
 def run_group(group: str, args) -> dict:
-    torch._inductor.config.fx_graph_cache = False  # cold compiles, measured
     torch._dynamo.config.recompile_limit = 64
-    res: dict = {"group": group, "times": {}, "compile_s": {}, "weights_mib": {}}
+    if group == "compile":
+        return compile_times(args)
+    res: dict = {"group": group, "times": {}, "weights_mib": {}}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models, backends, adapters, base = variants_for(group, args, tmp)
         inputs = Inputs(args)
-        warm = build(argparse.Namespace(**{**vars(args), "layers": 1}))  # first-compile costs out of the figures
-        inputs.workload(compiled_forward(warm), "prefill")()
         for name, model in models.items():
             res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
-            t = time.perf_counter()
-            inputs.workload(model, "prefill")()
-            res["compile_s"][name] = time.perf_counter() - t
-        for wl in WORKLOADS:
-            if wl != "decode b8" and group == "mixed" or wl == "generate" and group == "mixed":
-                continue
+        for wl in WORKLOADS if group != "mixed" else ("decode b8",):
             fns = {name: inputs.workload(m, wl) for name, m in models.items()}
             for fn in fns.values():  # compile and warm up
                 for _ in range(2):
@@ -178,6 +173,23 @@ def run_group(group: str, args) -> dict:
         if group == "peft-compiled":
             res["swap_ms"] = peft_swap_latency(models["PEFT compiled"], tmp)
     return res
+
+
+def compile_times(args) -> dict:
+    """Cold compile (no FX graph cache) of the prefill graph, each after a dynamo reset; the first
+    compile of the process is a discarded warm-up of the base model."""
+    torch._inductor.config.fx_graph_cache = False
+    out = {"group": "compile", "compile_s": {}}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        models, _, _, _ = variants_for("compile", args, tmp)
+        inputs = Inputs(args)
+        order = ["warm-up", *models]
+        for name in order:
+            model = models["compiled base" if name == "warm-up" else name]
+            torch._dynamo.reset()
+            out["compile_s"][name] = timed(inputs.workload(model, "prefill"), args)
+    del out["compile_s"]["warm-up"]
+    return out
 
 
 def swap_latency(model, be, adapters, tmp, inputs) -> dict:
@@ -214,13 +226,14 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
                 if name == "compiled base" and res["group"] != "eager":
                     continue
                 med = statistics.median(s)
+                best = min(samples["compiled base"])
                 table.setdefault(name, {})[wl] = dict(median_ms=med * 1e3, min_ms=min(s) * 1e3, max_ms=max(s) * 1e3,
-                                                      ratio=med / base, ratio_min=min(s) / min(samples["compiled base"]))
+                                                      ratio=med / base, ratio_min=min(s) / best)
     for res in results:
-        for name, c in res["compile_s"].items():
-            if name in table and name != "compiled base" or res["group"] == "eager" and name == "compiled base":
-                table.setdefault(name, {})["compile_ratio"] = c / res["compile_s"]["compiled base"]
-                table[name]["weights_ratio"] = res["weights_mib"][name] / res["weights_mib"]["compiled base"]
+        for name, c in res.get("compile_s", {}).items():
+            table.setdefault(name, {})["compile_ratio"] = c / res["compile_s"]["compiled base"]
+        for name, w in res.get("weights_mib", {}).items():
+            table.setdefault(name, {})["weights_ratio"] = w / res["weights_mib"]["compiled base"]
     head = "| variant | " + " | ".join(WORKLOADS) + " | compile | weights |"
     rows.append(head)
     rows.append("|" + "---|" * (len(WORKLOADS) + 3))
@@ -286,11 +299,14 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or f"{args.device.split(':')[0]}-{args.dtype}"
     results = []
+    cache_dir = tempfile.mkdtemp(prefix="lora_fx_bench_")
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--groups")]
     for group in args.groups.split(","):
         t = time.time()
         print(f"[bench] {group}: {GROUPS[group]} beside a compiled base ...", flush=True)
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="lora_fx_bench_")}
+        # one Inductor cache per run: the base model's graphs compile once for all processes
+        cache = tempfile.mkdtemp(prefix="lora_fx_cold_") if group == "compile" else cache_dir
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         proc = subprocess.run([sys.executable, "-m", "lora_fx.bench", *passthrough, "--worker", group],
                               capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

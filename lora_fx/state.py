@@ -282,7 +282,8 @@ class LoraState:
                 p.append(f"{fqn}: expected {kind} LoRA tensors, found {'embedding' if ws[0].embedding else 'linear'}")
             for w in ws:
                 if (w.lora_b.shape[0], w.lora_a.shape[1]) != shape:
-                    p.append(f"{fqn}: expected LoRA for (out, in) = {shape}, found {(w.lora_b.shape[0], w.lora_a.shape[1])}")
+                    found = (w.lora_b.shape[0], w.lora_a.shape[1])
+                    p.append(f"{fqn}: expected LoRA for (out, in) = {shape}, found {found}")
         for path in self.overrides:
             if path not in self.override_tensors:
                 p.append(f"{path}: the new adapter replaces this tensor, the compiled graphs do not")
