@@ -52,6 +52,14 @@ class LoraWeights:
     def rank(self) -> int:
         return self.lora_a.shape[0]
 
+    def to(self, device: torch.device | str | None) -> LoraWeights:
+        """The same weights on ``device`` (self when they are there already, or device is None)."""
+        if device is None or self.lora_a.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(self, lora_a=move(self.lora_a), lora_b=move(self.lora_b),
+                                   magnitude=move(self.magnitude), bias=move(self.bias))
+
     def scaled(self, multiplier: float) -> LoraWeights:
         """The same tensors with ``scale`` times ``multiplier``."""
         return self if multiplier == 1.0 else dataclasses.replace(self, scale=self.scale * multiplier)

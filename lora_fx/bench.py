@@ -156,7 +156,7 @@ def run_group(group: str, args) -> dict:
         inputs = Inputs(args)
         for name, model in models.items():
             res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
-        for wl in WORKLOADS if group != "mixed" else ("decode b8",):
+        for wl in [w for w in args.workloads.split(",") if group != "mixed" or w == "decode b8"]:
             fns = {name: inputs.workload(m, wl) for name, m in models.items()}
             for fn in fns.values():  # compile and warm up
                 for _ in range(2):
@@ -200,6 +200,8 @@ def swap_latency(model, be, adapters, tmp, inputs) -> dict:
 
     t_swap = statistics.median(timed(lambda i=i: be.swap(adapters[i % 4]), inputs.args) for i in range(20)) * 1e3
     t_load = statistics.median(timed(lambda i=i: load_and_swap(i), inputs.args) for i in range(20)) * 1e3
+    if be.mode != "branch":
+        return {"swap": t_swap, "load + swap": t_load}
     # a recompile: a fresh backend with the next adapter, first call
     fresh = copy.deepcopy(model)
     fresh.forward = fresh.forward.__wrapped__ if hasattr(fresh.forward, "__wrapped__") else fresh.forward
@@ -220,7 +222,7 @@ def peft_swap_latency(pm, tmp) -> dict:
 def summarize(results: list[dict], args) -> tuple[str, dict]:
     rows, table = [], {}
     for res in results:
-        for wl, samples in res["times"].items():
+        for wl, samples in res.get("times", {}).items():
             base = statistics.median(samples["compiled base"])
             for name, s in samples.items():
                 if name == "compiled base" and res["group"] != "eager":
@@ -281,10 +283,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
-    p.add_argument("--reps", type=int, default=40, help="timed calls per variant (decode; prefill takes half)")
+    p.add_argument("--reps", type=int, default=30, help="timed calls per variant (decode; prefill takes half)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"processes to run, of {list(GROUPS)}")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {list(WORKLOADS)}")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--tag", default=None, help="file name stem (default: device-dtype)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -300,7 +303,13 @@ def main(argv=None) -> int:
     tag = args.tag or f"{args.device.split(':')[0]}-{args.dtype}"
     results = []
     cache_dir = tempfile.mkdtemp(prefix="lora_fx_bench_")
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--groups")]
+    given, passthrough = list(argv if argv is not None else sys.argv[1:]), []
+    while given:
+        a = given.pop(0)
+        if a == "--groups":
+            given.pop(0)
+        elif not a.startswith("--groups="):
+            passthrough.append(a)
     for group in args.groups.split(","):
         t = time.time()
         print(f"[bench] {group}: {GROUPS[group]} beside a compiled base ...", flush=True)
@@ -314,6 +323,8 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"[bench] {group} failed (exit {proc.returncode})")
         results.append(json.loads(lines[-1][7:]))
+        with open(os.path.join(args.out, f"{tag}.raw.json"), "w") as f:  # kept even if a later group fails
+            json.dump(results, f)
         print(f"[bench] {group}: done in {time.time() - t:.0f}s", flush=True)
     text, summary = summarize(results, args)
     header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, r={args.rank} "

@@ -77,13 +77,14 @@ def apply_lora(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) ->
             if name in mod._parameters:
                 old = mod._parameters[name]
                 saved.append((mod, name, old))
-                mod._parameters[name] = torch.nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad)
+                mod._parameters[name] = torch.nn.Parameter(t.to(old.device, old.dtype), requires_grad=old.requires_grad)
             else:
                 old = mod._buffers[name]
                 saved.append((mod, name, old))
-                mod._buffers[name] = t.to(old.dtype)
+                mod._buffers[name] = t.to(old.device, old.dtype)
         for fqn, ws in per_module.items():
             mod = mods[fqn]
+            ws = [w.to(mod.weight.device) for w in ws]
             hook = _embedding_hook(ws) if isinstance(mod, torch.nn.Embedding) else _linear_hook(mod, ws)
             handles.append(mod.register_forward_hook(hook))
         yield model

@@ -128,6 +128,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> 
     if state.mode == "fold":
         report.sites = fold_lora_weights(graph, chosen, nodes)
     elif state.mixed:
+        if chosen:
+            state.place_selection(inputs.value(chosen[0].weight).device)
         index, rows = inputs.add("lora_fx.index", state.index), inputs.add("lora_fx.rows", state.rows)
         for s in chosen:
             vocab = inputs.value(s.weight).shape[0] if s.kind == "embedding" else 0

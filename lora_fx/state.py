@@ -40,8 +40,11 @@ def branch_tensors(ws: list[LoraWeights], rank: int, kind: str, weight: torch.Te
     ``weight`` / ``bias`` are the base op's real tensors in the op's layout (Conv1D: (in, out)).
     """
     out_f, in_f = shape
-    a, b = torch.zeros(rank, in_f, dtype=dtype), torch.zeros(out_f, rank, dtype=dtype)
-    scale, lora_bias = torch.zeros(rank, dtype=dtype), torch.zeros(out_f, dtype=dtype)
+    device = weight.device if weight is not None else None
+    ws = [w.to(device) for w in ws]
+    kw = dict(dtype=dtype, device=device)
+    a, b = torch.zeros(rank, in_f, **kw), torch.zeros(out_f, rank, **kw)
+    scale, lora_bias = torch.zeros(rank, **kw), torch.zeros(out_f, **kw)
     at = 0
     for w in ws:
         a[at:at + w.rank], b[:, at:at + w.rank] = w.lora_a, w.lora_b
@@ -68,6 +71,7 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
                  multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """Fold-mode tensors of one module: the merged weight (op layout) and, if changed, bias."""
     weight = weight.detach()
+    ws = [w.to(weight.device) for w in ws]
     w_oi = (weight.T if kind == "conv1d" else weight).float()
     new_bias = None if bias is None else bias.detach().float()
     for w in ws:
@@ -92,7 +96,7 @@ def _complete(t: dict[str, torch.Tensor], roles: Sequence[str], out_f: int, lora
     for role in roles:
         if role not in t:
             dtype = lora_dtype if role == "lora_bias" else out_dtype
-            t[role] = torch.full((out_f,), IDENTITY[role], dtype=dtype)
+            t[role] = torch.full((out_f,), IDENTITY[role], dtype=dtype, device=t["lora_b"].device)
     return t
 
 
@@ -170,7 +174,9 @@ class LoraState:
             self._set_base(fqn, kind, weight, bias)
             tensors = self.tensors.setdefault(fqn, {})
             for role, t in self._build(fqn).items():
-                tensors.setdefault(role, t)  # A and B keep their Parameter objects
+                if role in tensors:  # A and B keep their Parameter objects, moved to the model's device
+                    tensors[role].data = tensors[role].data.to(t.device)
+                tensors.setdefault(role, t)
             self.ready.add(fqn)
         return self.tensors[fqn]
 
@@ -178,7 +184,7 @@ class LoraState:
         """The tensor that replaces parameter ``path`` (refilled on swap; the base when disabled)."""
         if path not in self.override_tensors:
             self.override_base[path] = base_value
-            self.override_tensors[path] = self.overrides[path].to(base_value.dtype).clone()
+            self.override_tensors[path] = self.overrides[path].to(base_value.device, base_value.dtype).clone()
         return self.override_tensors[path]
 
     def _build(self, fqn: str, roles: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -288,6 +294,11 @@ class LoraState:
             if path not in self.override_tensors:
                 p.append(f"{path}: the new adapter replaces this tensor, the compiled graphs do not")
         return p
+
+    def place_selection(self, device: torch.device) -> None:
+        """Keep the selection tensors on the model's device (before any graph reads them)."""
+        if self.index.device != device:
+            self.index, self.rows = self.index.to(device), self.rows.to(device)
 
     def select(self, rows: Sequence[str | None]) -> None:
         """Mixed batches: row i of the next calls uses slot ``rows[i]`` (None: the base model)."""
