@@ -81,6 +81,9 @@ class LoraBackend:
         inner: "inductor", "aot_eager", "eager" or a dynamo backend callable.
         max_rank: branch mode's rank budget, the largest total rank ``swap`` accepts later
             (default: the largest rank of ``adapters``).
+        inplace: fold mode only: merge into the model's own weights (no second copy in memory);
+            the originals are kept on disk and put back bit for bit by ``swap``, ``disable`` and
+            ``restore``. The eager model then computes with the adapter too, until ``restore``.
 
     Attributes:
         reports: one RewriteReport per compiled graph.
@@ -90,12 +93,12 @@ class LoraBackend:
     """
 
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
-                 max_rank: int | None = None):
+                 max_rank: int | None = None, inplace: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
         self.mode = mode
         self.inner = _inner_backend(inner)
-        self.state = LoraState(adapters, mode, max_rank)
+        self.state = LoraState(adapters, mode, max_rank, inplace=inplace)
         self.reports: list[RewriteReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
@@ -139,6 +142,12 @@ class LoraBackend:
         self.state.enabled = True
         self.state.refill()
 
+    def restore(self) -> None:
+        """In-place fold: put the model's own weights back exactly and turn the adapter off
+        (``enable`` merges again). Other modes: the same as ``disable``."""
+        self.state.enabled = False
+        self.state.refill()
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """``with be.disabled(): model(x)`` runs the base model inside the block."""
@@ -180,9 +189,9 @@ class LoraBackend:
 
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
-            max_rank: int | None = None) -> LoraBackend:
+            max_rank: int | None = None, inplace: bool = False) -> LoraBackend:
     """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
 
     See :class:`LoraBackend` for the arguments.
     """
-    return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank)
+    return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace)

@@ -27,10 +27,10 @@ import torch
 GROUPS = {  # process -> variants timed together with their own compiled base
     "eager": ["eager base", "PEFT eager", "PEFT merged eager"],
     "peft-compiled": ["PEFT compiled"],
-    "fold": ["lora_fx fold"],
+    "fold": ["lora_fx fold", "lora_fx fold in-place"],
     "branch": ["lora_fx branch"],
-    "mixed": ["lora_fx branch", "lora_fx mixed x4"],
-    "compile": ["PEFT compiled", "lora_fx fold", "lora_fx branch"],  # cold compiles, one after another
+    "mixed": ["lora_fx branch x1", "lora_fx mixed x4"],
+    "compile": ["lora_fx fold", "lora_fx branch"],  # cold compiles, one after another
 }
 WORKLOADS = ("prefill", "decode", "decode b8", "generate")
 CACHE_KW = "cache" if "cache" in __import__("inspect").signature(
@@ -127,8 +127,8 @@ def variants_for(group: str, args, tmp: str) -> dict:
             elif name == "PEFT compiled":
                 pm.forward = torch.compile(pm.forward, dynamic=True)
             out[name] = pm
-        elif name in ("lora_fx fold", "lora_fx branch"):
-            be = lora_fx.backend(adapters[0], mode=name.split()[-1])
+        elif name in ("lora_fx fold", "lora_fx branch", "lora_fx branch x1", "lora_fx fold in-place"):
+            be = lora_fx.backend(adapters[0], mode="fold" if "fold" in name else "branch", inplace="in-place" in name)
             out[name] = compiled_forward(copy.deepcopy(base), be)
             extra[name] = be
         elif name == "lora_fx mixed x4":
@@ -154,19 +154,18 @@ def run_group(group: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models, backends, adapters, base = variants_for(group, args, tmp)
         inputs = Inputs(args)
-        for name, model in models.items():
-            res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
         for wl in [w for w in args.workloads.split(",") if group != "mixed" or w == "decode b8"]:
             fns = {name: inputs.workload(m, wl) for name, m in models.items()}
             for fn in fns.values():  # compile and warm up
-                for _ in range(2):
-                    fn()
+                fn()
             reps = {"prefill": args.reps // 2, "generate": max(3, args.reps // 10)}.get(wl, args.reps)
             samples = {name: [] for name in fns}
             for _ in range(reps):
                 for name, fn in fns.items():
                     samples[name].append(timed(fn, args))
             res["times"][wl] = samples
+        for name, model in models.items():  # after the graphs built their tensors
+            res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
         if group in ("fold", "branch"):
             res["swap_ms"] = swap_latency(models[f"lora_fx {group}"], backends[f"lora_fx {group}"], adapters, tmp,
                                           inputs)
@@ -283,7 +282,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
-    p.add_argument("--reps", type=int, default=30, help="timed calls per variant (decode; prefill takes half)")
+    p.add_argument("--reps", type=int, default=24, help="timed calls per variant (decode; prefill takes half)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"processes to run, of {list(GROUPS)}")

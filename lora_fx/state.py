@@ -100,6 +100,36 @@ def _complete(t: dict[str, torch.Tensor], roles: Sequence[str], out_f: int, lora
     return t
 
 
+class OriginalStore:
+    """Exact copies of weights that in-place folding overwrites, kept on disk (not in memory)."""
+
+    def __init__(self):
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="lora_fx_originals_")
+
+    def _path(self, fqn: str) -> str:
+        import os
+
+        return os.path.join(self._dir.name, fqn + ".safetensors")
+
+    def save(self, fqn: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"weight": weight.detach().cpu().contiguous()}
+        if bias is not None:
+            tensors["bias"] = bias.detach().cpu().contiguous()
+        save_file(tensors, self._path(fqn))
+
+    def restore(self, fqn: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from safetensors import safe_open
+
+        with safe_open(self._path(fqn), framework="pt") as f:
+            weight.copy_(f.get_tensor("weight"))
+            if bias is not None:
+                bias.copy_(f.get_tensor("bias"))
+
+
 class LoraState:
     """The adapters being applied and the tensors built from them, shared by every graph.
 
@@ -110,10 +140,14 @@ class LoraState:
     """
 
     def __init__(self, adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]],
-                 mode: str, max_rank: int | None = None):
+                 mode: str, max_rank: int | None = None, inplace: bool = False):
         if mode not in ("branch", "fold"):
             raise ValueError(f"mode: expected 'branch' or 'fold', found {mode!r}")
+        if inplace and mode != "fold":
+            raise ValueError(f"inplace: expected mode='fold', found mode={mode!r}")
         self.mode = mode
+        self.inplace = inplace
+        self.originals: OriginalStore | None = OriginalStore() if inplace else None
         self.mixed = isinstance(adapters, Mapping)
         if self.mixed and mode != "branch":
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
@@ -172,6 +206,8 @@ class LoraState:
         """The tensors of module ``fqn``, completed when a graph first shows its op."""
         if fqn not in self.ready:
             self._set_base(fqn, kind, weight, bias)
+            if self.inplace:
+                return self._merge_in_place(fqn)
             tensors = self.tensors.setdefault(fqn, {})
             for role, t in self._build(fqn).items():
                 if role in tensors:  # A and B keep their Parameter objects, moved to the model's device
@@ -179,6 +215,29 @@ class LoraState:
                 tensors.setdefault(role, t)
             self.ready.add(fqn)
         return self.tensors[fqn]
+
+    def _merge_in_place(self, fqn: str) -> dict[str, torch.Tensor]:
+        """Fold into the model's own weight (and bias); the originals go to disk for an exact restore.
+
+        Returns the tensors the graph still needs: a bias only when lora_bias meets a layer without one.
+        """
+        _, weight, bias = self.base[fqn][:3]
+        self.originals.save(fqn, weight, bias)
+        fresh = self._build(fqn)
+        with torch.no_grad():
+            weight.copy_(fresh["weight"])
+            if "bias" in fresh and bias is not None:
+                bias.copy_(fresh["bias"])
+        self.tensors[fqn] = {"bias": fresh["bias"]} if "bias" in fresh and bias is None else {}
+        self.ready.add(fqn)
+        return self.tensors[fqn]
+
+    def restore(self) -> None:
+        """In-place fold: put the model's own weights back, bit for bit."""
+        if self.originals is not None:
+            with torch.no_grad():
+                for fqn in self.ready:
+                    self.originals.restore(fqn, *self.base[fqn][1:3])
 
     def override(self, path: str, base_value: torch.Tensor) -> torch.Tensor:
         """The tensor that replaces parameter ``path`` (refilled on swap; the base when disabled)."""
@@ -190,9 +249,10 @@ class LoraState:
     def _build(self, fqn: str, roles: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         kind, weight, bias, shape, dtype = self.base[fqn]
         mult = self.multiplier if self.enabled else 0.0
+        on = mult != 0.0  # scale 0 turns the adapter off (DoRA's m/||W|| too, not only B A)
         if self.mode == "fold":
-            return fold_tensors(self.slot_modules[0].get(fqn, []), kind, weight, bias, mult)
-        per_slot = [branch_tensors(mods.get(fqn, []), self.rank, kind, weight, bias, mult, shape, dtype)
+            return fold_tensors(self.slot_modules[0].get(fqn, []) if on else [], kind, weight, bias, mult)
+        per_slot = [branch_tensors(mods.get(fqn, []) if on else [], self.rank, kind, weight, bias, mult, shape, dtype)
                     for mods in self.slot_modules]
         roles = roles or sorted({r for t in per_slot for r in t if r in IDENTITY})
         out_dtype = weight.dtype if weight is not None else dtype
@@ -235,7 +295,18 @@ class LoraState:
     def refill(self) -> None:
         """Recompute every built tensor from the current adapters, scale and switch; copy in place."""
         with torch.no_grad():
-            for fqn, tensors in self.tensors.items():
+            if self.inplace:
+                self.restore()
+                for fqn in self.ready:
+                    _, weight, bias = self.base[fqn][:3]
+                    fresh = self._build(fqn)
+                    weight.copy_(fresh["weight"])
+                    if bias is not None and "bias" in fresh:
+                        bias.copy_(fresh["bias"])
+                    if "bias" in self.tensors[fqn]:
+                        extra = self.tensors[fqn]["bias"]
+                        extra.copy_(fresh["bias"]) if "bias" in fresh else extra.zero_()
+            for fqn, tensors in self.tensors.items() if not self.inplace else ():
                 fresh = self._build(fqn, roles=[r for r in tensors if r in IDENTITY])
                 for role, t in tensors.items():
                     t.copy_(fresh[role] if role in fresh else torch.full_like(t, IDENTITY[role]))

@@ -187,3 +187,66 @@ def test_base_model_is_not_changed_by_serving(tmp_path):
         be.set_scale(2.0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fold_in_place_merges_and_restores_bit_for_bit(tmp_path, use_dora):
+    d, pm = make(tmp_path, "llama", 1, use_dora=use_dora, target_modules=["q_proj", "down_proj"])
+    other, pm_other = make(tmp_path, "llama", 2, use_dora=use_dora, target_modules=["q_proj"])
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    be = lora_fx.backend(lora_fx.load_adapter(d), mode="fold", inner="aot_eager", inplace=True)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+        assert be.state.tensors and not any(be.state.tensors.values()), "nothing extra held in memory"
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(model.state_dict()[q], before[q]), "merged into the model's own weight"
+        with no_recompiles():
+            be.swap(lora_fx.load_adapter(other))
+            torch.testing.assert_close(logits(compiled, ids), logits(pm_other, ids), **TOL)
+            be.set_scale(0.0)
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            be.set_scale(1.0)
+            torch.testing.assert_close(logits(compiled, ids), logits(pm_other, ids), **TOL)
+        be.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_set_scale_zero_turns_dora_off(tmp_path):
+    d, _ = make(tmp_path, "llama", 1, use_dora=True)
+    model = tiny_model("llama")
+    be = lora_fx.backend(lora_fx.load_adapter(d), inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        be.set_scale(0.0)
+        torch.testing.assert_close(logits(compiled, ids), logits(model, ids), **TOL)
+
+
+def test_optimizer_can_be_built_before_the_first_call_and_trained_adapter_round_trips(tmp_path):
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ad = lora_fx.init_adapter(model, lora_fx.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), seed=0)
+    be = lora_fx.backend(ad, inner="aot_eager", max_rank=6)
+    opt = torch.optim.SGD(be.parameters(), lr=0.5)
+    assert len(be.parameters()) == 2 * len(ad.modules)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    for _ in range(2):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = be.trained_adapter()
+    trained.save(tmp_path)
+    pm = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)).eval()
+    with torch.no_grad():
+        want = logits(pm, ids)
+        assert (want - logits(model, ids)).abs().max() > 1e-3, "training changed the adapter"
+        torch.testing.assert_close(logits(compiled, ids), want, **TOL)

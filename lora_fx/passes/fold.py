@@ -17,7 +17,8 @@ def fold_lora_weights(graph: fx.Graph, sites: list[Site], tensors: Callable[[Sit
     """Point every site's weight (and bias, when folded) at the merged tensors."""
     for site in sites:
         t = tensors(site)
-        site.set_weight(t["weight"])
+        if "weight" in t:  # folded into the model's own weight (in place): nothing to point at
+            site.set_weight(t["weight"])
         if "bias" in t:
             site.set_bias(t["bias"])
     return len(sites)
