@@ -28,8 +28,7 @@ GROUPS = {  # process -> variants timed together with their own compiled base
     "eager": ["eager base", "PEFT eager", "PEFT merged eager"],
     "peft-compiled": ["PEFT compiled"],
     "fold": ["lora_fx fold", "lora_fx fold in-place"],
-    "branch": ["lora_fx branch"],
-    "mixed": ["lora_fx branch x1", "lora_fx mixed x4"],
+    "branch": ["lora_fx branch", "lora_fx mixed x4"],  # mixed: batch-8 decode only
     "compile": ["lora_fx fold", "lora_fx branch"],  # cold compiles, one after another
 }
 WORKLOADS = ("prefill", "decode", "decode b8", "generate")
@@ -127,7 +126,7 @@ def variants_for(group: str, args, tmp: str) -> dict:
             elif name == "PEFT compiled":
                 pm.forward = torch.compile(pm.forward, dynamic=True)
             out[name] = pm
-        elif name in ("lora_fx fold", "lora_fx branch", "lora_fx branch x1", "lora_fx fold in-place"):
+        elif name in ("lora_fx fold", "lora_fx branch", "lora_fx fold in-place"):
             be = lora_fx.backend(adapters[0], mode="fold" if "fold" in name else "branch", inplace="in-place" in name)
             out[name] = compiled_forward(copy.deepcopy(base), be)
             extra[name] = be
@@ -154,8 +153,9 @@ def run_group(group: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models, backends, adapters, base = variants_for(group, args, tmp)
         inputs = Inputs(args)
-        for wl in [w for w in args.workloads.split(",") if group != "mixed" or w == "decode b8"]:
-            fns = {name: inputs.workload(m, wl) for name, m in models.items()}
+        for wl in args.workloads.split(","):
+            fns = {name: inputs.workload(m, wl) for name, m in models.items()
+                   if "mixed" not in name or wl == "decode b8"}
             for fn in fns.values():  # compile and warm up
                 fn()
             reps = {"prefill": args.reps // 2, "generate": max(3, args.reps // 10)}.get(wl, args.reps)
