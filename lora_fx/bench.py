@@ -50,7 +50,7 @@ def build(args: argparse.Namespace):
 
 def make_adapter(model, args, seed: int, out_dir: str):
     import lora_fx
-    from lora_fx.testing import random_adapter
+    from lora_fx.loading import random_adapter
 
     cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
     ad = random_adapter(model.cpu().float(), cfg, seed=seed, std=0.02)
@@ -247,8 +247,8 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         cells.append("" if comp is None or "eager" in name else f"{comp:.2f}x")
         cells.append(f"{t.get('weights_ratio', 1):.3f}x")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    swaps = {k: v for res in results for k, v in (("lora_fx " + res["group"] + ": " + a, b)
-                                                 for a, b in res.get("swap_ms", {}).items())}
+    swaps = {(a if a.startswith("PEFT") else f"lora_fx {res['group']}: {a}"): b
+             for res in results for a, b in res.get("swap_ms", {}).items()}
     if swaps:
         rows += ["", "| swap | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in swaps.items()]
     return "\n".join(rows), {"table": table, "swap_ms": swaps}
@@ -289,6 +289,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {list(WORKLOADS)}")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--tag", default=None, help="file name stem (default: device-dtype)")
+    p.add_argument("--from-raw", help="only rebuild the table and chart from a saved .raw.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -300,6 +301,9 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or f"{args.device.split(':')[0]}-{args.dtype}"
+    if args.from_raw:
+        with open(args.from_raw) as f:
+            return report(json.load(f), args, tag)
     results = []
     cache_dir = tempfile.mkdtemp(prefix="lora_fx_bench_")
     given, passthrough = list(argv if argv is not None else sys.argv[1:]), []
@@ -325,6 +329,11 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, f"{tag}.raw.json"), "w") as f:  # kept even if a later group fails
             json.dump(results, f)
         print(f"[bench] {group}: done in {time.time() - t:.0f}s", flush=True)
+    return report(results, args, tag)
+
+
+def report(results: list[dict], args: argparse.Namespace, tag: str) -> int:
+    """Write <tag>.md, <tag>.json and <tag>.png from the groups' results, and print the table."""
     text, summary = summarize(results, args)
     header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, r={args.rank} "
               f"on all 7 projections, {args.dtype} on {args.device}; prefill {args.seq} tokens, decode with a "

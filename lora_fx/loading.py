@@ -229,3 +229,18 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
     if not weights:
         raise AdapterConfigError(f"target_modules {config.target_modules!r}: expected to match modules, matched none")
     return Adapter(config, weights, name=name)
+
+
+def random_adapter(model: torch.nn.Module, config: LoraConfig, seed: int = 0, std: float = 0.3) -> Adapter:
+    """``init_adapter`` on ``model``, then every tensor given non-trivial values (B non-zero,
+    DoRA magnitudes away from the weight norms), so the adapter changes the outputs."""
+    adapter = init_adapter(model, config, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for w in adapter.modules.values():
+            for t in (w.lora_a, w.lora_b, w.bias):
+                if t is not None:
+                    t.add_(std * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+            if w.magnitude is not None:
+                w.magnitude.mul_(1 + 0.5 * torch.rand(w.magnitude.shape, generator=gen, dtype=w.magnitude.dtype))
+    return adapter

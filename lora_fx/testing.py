@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from .adapter import Adapter
 from .config import LoraConfig
-from .loading import init_adapter
+from .loading import random_adapter
 from .targets import linear_like_types
 
 
@@ -124,21 +124,6 @@ def configs(draw: st.DrawFn, model: torch.nn.Module) -> LoraConfig:
     alpha_pattern = draw(st.dictionaries(pattern_keys, st.floats(0.5, 16), max_size=2))
     return LoraConfig(r=r, lora_alpha=draw(st.floats(0.5, 32)), target_modules=targets, rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, use_rslora=draw(st.booleans()), use_dora=dora, lora_bias=lora_bias)
-
-
-def random_adapter(model: torch.nn.Module, config: LoraConfig, seed: int = 0, std: float = 0.3) -> Adapter:
-    """``init_adapter`` on ``model``, then every tensor given non-trivial values (B non-zero,
-    DoRA magnitudes away from the weight norms), so the adapter changes the outputs."""
-    adapter = init_adapter(model, config, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for w in adapter.modules.values():
-            for t in (w.lora_a, w.lora_b, w.bias):
-                if t is not None:
-                    t.add_(std * torch.randn(t.shape, generator=gen, dtype=t.dtype))
-            if w.magnitude is not None:
-                w.magnitude.mul_(1 + 0.5 * torch.rand(w.magnitude.shape, generator=gen, dtype=w.magnitude.dtype))
-    return adapter
 
 
 @dataclass
