@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides, model_problems
 from .errors import ModelMismatchError, raise_if
+from .state import fold_tensors
 
 
 def _linear_hook(module: torch.nn.Module, weights: list[LoraWeights]):
@@ -112,20 +113,13 @@ def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapt
     mods = dict(model.named_modules())
     for fqn, ws in combined_modules(adapters).items():
         mod = mods[fqn]
-        w = sd[f"{fqn}.weight"]
-        conv1d = not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
-        w_oi = (w.T if conv1d else w).float()  # (out, in); embeddings: (vocab, dim)
-        for lw in ws:
-            delta = lw.delta_weight()
-            if lw.magnitude is not None:
-                merged = w_oi + delta
-                w_oi = (lw.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
-            else:
-                w_oi = w_oi + delta
-            if lw.bias is not None:
-                key = f"{fqn}.bias"
-                if key not in sd:
-                    raise ModelMismatchError(f"{fqn}: lora_bias needs a base bias to merge into, found none")
-                sd[key] = (sd[key].float() + lw.scale * lw.bias.float()).to(sd[key].dtype)
-        sd[f"{fqn}.weight"] = (w_oi.T if conv1d else w_oi).to(w.dtype).contiguous()
+        kind = ("embedding" if isinstance(mod, torch.nn.Embedding) else
+                "linear" if isinstance(mod, torch.nn.Linear) else "conv1d")
+        weight_key, bias_key = f"{fqn}.weight", f"{fqn}.bias"
+        merged = fold_tensors(ws, kind, sd[weight_key], sd.get(bias_key))
+        sd[weight_key] = merged["weight"]
+        if "bias" in merged:
+            if bias_key not in sd:
+                raise ModelMismatchError(f"{fqn}: lora_bias needs a base bias to merge into, found none")
+            sd[bias_key] = merged["bias"]
     return sd
