@@ -160,8 +160,7 @@ def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any
 
     Raises:
         GraphRewriteError: an adapter module with no op in the graph, an op without module
-            metadata, a graph rewritten twice.
-        ModelMismatchError: adapter shapes that do not fit the graph's weights.
+            metadata, a graph rewritten twice, adapter shapes that do not fit the graph's weights.
     """
     state = LoraState(cfg.adapters, cfg.mode, cfg.max_rank)
     if isinstance(gm, torch.export.ExportedProgram):
