@@ -168,8 +168,7 @@ def run_group(group: str, args) -> dict:
         for name, model in models.items():  # after the graphs built their tensors
             res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
         if group in ("fold", "branch"):
-            res["swap_ms"] = swap_latency(models[f"lora_fx {group}"], backends[f"lora_fx {group}"], adapters, tmp,
-                                          inputs)
+            res["swap_ms"] = swap_latency(backends[f"lora_fx {group}"], adapters, tmp, inputs)
         if group == "peft-compiled":
             res["swap_ms"] = peft_swap_latency(models["PEFT compiled"], tmp)
     return res
@@ -191,7 +190,7 @@ def compile_times(args) -> dict:
     return out
 
 
-def swap_latency(model, be, adapters, tmp, inputs) -> dict:
+def swap_latency(be, adapters, tmp, inputs) -> dict:
     import lora_fx
 
     def load_and_swap(i):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from ..graph import Site, call, tensor_meta
+from ..graph import MARK, Site, call, tensor_meta
 
 aten = torch.ops.aten
 
@@ -25,7 +25,7 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     meta = tensor_meta(node)
     if meta is None:  # graphs without fake values (symbolic_trace): Tensor.to is a no-op when equal
         new = graph.call_method("to", (node, dtype))
-        new.meta["lora_fx"] = True
+        new.meta[MARK] = True
         return new
     if meta.dtype == dtype:
         return node
@@ -36,7 +36,7 @@ def _restore_dtype(graph: fx.Graph, out: fx.Node, like: fx.Node, lora_dtype: tor
     want = tensor_meta(like)
     if want is None:
         new = graph.call_method("type_as", (out, like))
-        new.meta["lora_fx"] = True
+        new.meta[MARK] = True
         return new
     if torch.promote_types(want.dtype, lora_dtype) == want.dtype:
         return out

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from ..errors import GraphRewriteError
-from ..graph import Site, tensor_meta
+from ..graph import MARK, Site, tensor_meta
 from .branch import _cast, _restore_dtype
 
 aten = torch.ops.aten
@@ -27,7 +27,7 @@ VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
 
 def _op(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
     node = graph.call_function(target, args, kwargs or {})
-    node.meta["lora_fx"] = True
+    node.meta[MARK] = True
     return node
 
 
