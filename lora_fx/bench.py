@@ -175,18 +175,30 @@ def run_group(group: str, args) -> dict:
 
 
 def compile_times(args) -> dict:
-    """Cold compile (no FX graph cache) of the prefill graph, each after a dynamo reset; the first
-    compile of the process is a discarded warm-up of the base model."""
+    """Cold compiles of the prefill graph: the compiled base, fold and branch in turn, ``--compile-reps``
+    rounds; each after a dynamo reset, in a fresh Inductor cache (on disk and in memory: no kernel
+    compiled for one variant serves another), FX graph and AOT caches off. A warm-up compile of an
+    unrelated function first takes the process's one-time costs out of the figures."""
+    from torch._inductor import utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
     torch._inductor.config.fx_graph_cache = False
-    out = {"group": "compile", "compile_s": {}}
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):
+        torch._functorch.config.enable_autograd_cache = False
+    out: dict = {"group": "compile", "compile_s": {}, "compile_samples": {}}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models, _, _, _ = variants_for("compile", args, tmp)
         inputs = Inputs(args)
-        warm = compiled_forward(build(argparse.Namespace(**{**vars(args), "layers": 1})))
-        timed(inputs.workload(warm, "prefill"), args)  # first-compile costs out of the figures
-        for name, model in models.items():
-            torch._dynamo.reset()
-            out["compile_s"][name] = timed(inputs.workload(model, "prefill"), args)
+        with fresh():
+            torch.compile(lambda x: (x.sin() * 3).cumsum(0))(torch.randn(7, device=args.device))
+        samples: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(args.compile_reps):
+            for name, model in models.items():
+                torch._dynamo.reset()
+                with fresh():
+                    samples[name].append(timed(inputs.workload(model, "prefill"), args))
+    out["compile_samples"] = samples
+    out["compile_s"] = {name: statistics.median(s) for name, s in samples.items()}
     return out
 
 
@@ -223,7 +235,11 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
                                                       ratio=med / base, ratio_min=min(s) / best)
     for res in results:
         for name, c in res.get("compile_s", {}).items():
-            table.setdefault(name, {})["compile_ratio"] = c / res["compile_s"]["compiled base"]
+            t = table.setdefault(name, {})
+            t["compile_ratio"] = c / res["compile_s"]["compiled base"]
+            samples = res.get("compile_samples", {})
+            if samples:
+                t["compile_ratio_min"] = min(samples[name]) / min(samples["compiled base"])
         for name, w in res.get("weights_mib", {}).items():
             table.setdefault(name, {})["weights_ratio"] = w / res["weights_mib"]["compiled base"]
     head = "| variant | " + " | ".join(WORKLOADS) + " | compile | weights |"
@@ -234,8 +250,9 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         for wl in WORKLOADS:
             c = t.get(wl)
             cells.append("" if c is None else f"{c['ratio']:.3f}x ({c['ratio_min']:.3f}x)")
-        comp = t.get("compile_ratio")
-        cells.append("" if comp is None or "eager" in name else f"{comp:.2f}x")
+        comp, comp_min = t.get("compile_ratio"), t.get("compile_ratio_min")
+        cells.append("" if comp is None or "eager" in name else
+                     f"{comp:.2f}x" + ("" if comp_min is None else f" ({comp_min:.2f}x)"))
         cells.append(f"{t.get('weights_ratio', 1):.3f}x")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     swaps = {(a if a.startswith("PEFT") else f"lora_fx {res['group']}: {a}"): b
@@ -278,6 +295,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
     p.add_argument("--reps", type=int, default=24, help="timed calls per variant (decode; prefill takes half)")
+    p.add_argument("--compile-reps", type=int, default=2, help="cold compiles per variant (compile group)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--groups", default=",".join(g for g in GROUPS if g != "fold-inplace"),

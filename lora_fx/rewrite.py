@@ -34,11 +34,15 @@ class RewriteConfig:
         adapters: one Adapter, or a list whose updates are summed.
         mode: "branch" (keep W, add the low-rank update) or "fold" (use W' = W + scale * B A).
         max_rank: branch mode's rank budget (padding); default the adapters' largest rank.
+        fuse_tokens: branch mode: an op whose token count is static and at most this gets its
+            update as elementwise products and sums (fused by Inductor into the kernels around
+            it) instead of two GEMM calls; 0 (default) always uses the GEMMs.
     """
 
     adapters: Adapter | Sequence[Adapter]
     mode: str = "branch"
     max_rank: int | None = None
+    fuse_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,8 +77,10 @@ def _describe(state: LoraState, fqn: str, kind: str) -> str:
     return f"{mode} {kind} r={ranks} {variant}" + (" +bias" if any(w.bias is not None for w in ws) else "")
 
 
-def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> RewriteReport:
-    """Apply ``state``'s adapters to ``gm`` in place. Raises GraphRewriteError listing every problem."""
+def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0) -> RewriteReport:
+    """Apply ``state``'s adapters to ``gm`` in place (``fuse_tokens``: see RewriteConfig).
+
+    Raises GraphRewriteError listing every problem."""
     graph = gm.graph
     if any(n.meta.get(g.MARK) for n in graph.nodes):
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
@@ -136,7 +142,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState) -> 
             insert_mixed_lora_branch(graph, s, nodes(s), index, rows, state.modules[s.fqn][0].lora_a.dtype, vocab)
         report.sites = len(chosen)
     else:
-        report.sites = insert_lora_branches(graph, chosen, lambda s: (nodes(s), state.modules[s.fqn][0].lora_a.dtype))
+        report.sites = insert_lora_branches(graph, chosen, lambda s: (nodes(s), state.modules[s.fqn][0].lora_a.dtype),
+                                            fuse_tokens)
     report.added_inputs = len(inputs.values) - before + len(replacements)
     for s in chosen:
         report.modules.setdefault(s.fqn, _describe(state, s.fqn, s.kind))
@@ -164,21 +171,21 @@ def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any
     """
     state = LoraState(cfg.adapters, cfg.mode, cfg.max_rank)
     if isinstance(gm, torch.export.ExportedProgram):
-        return _rewrite_exported(gm, state)
+        return _rewrite_exported(gm, state, cfg.fuse_tokens)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"rewrite: expected a GraphModule or ExportedProgram, found {type(gm).__name__}")
     if hasattr(gm, HOLDER):
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
     g.inline_leaf_modules(gm)
-    return rewrite_graph(gm, ModuleInputs(gm), state)
+    return rewrite_graph(gm, ModuleInputs(gm), state, cfg.fuse_tokens)
 
 
-def _rewrite_exported(ep: Any, state: LoraState) -> Any:
+def _rewrite_exported(ep: Any, state: LoraState, fuse_tokens: int) -> Any:
     from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
     gm = copy.deepcopy(ep.graph_module)
     inputs = ExportInputs(ep, gm)
-    report = rewrite_graph(gm, inputs, state)
+    report = rewrite_graph(gm, inputs, state, fuse_tokens)
     state_dict = dict(ep.state_dict)
     new_by_node = {node: (target, t) for node, target, t in inputs.new_specs}
     specs = []

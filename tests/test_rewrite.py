@@ -9,13 +9,21 @@ import lora_fx
 from lora_fx import GraphRewriteError, LoraConfig, RewriteConfig, testing
 
 SETTINGS = dict(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-TOL = dict(atol=1e-4, rtol=1e-4)
 modes = st.sampled_from(["branch", "fold"])
+fuse = st.sampled_from([0, 1024])  # branch: GEMM calls, or fused reductions (static token count <= fuse_tokens)
 
 
 def reference(case):
     with torch.no_grad():
         return lora_fx.lora_forward(case.model, case.adapter, case.ids)
+
+
+def assert_matches(got, want):
+    """1e-4 in fp32, with the absolute part scaled to the output's largest value: random TinyNets
+    reach outputs in the thousands next to small ones, and a small element then carries its large
+    neighbours' fp32 rounding in both computations (seen: 4.7e-4 on 3.5 beside 2420, while both
+    sides were within 8.5e-4 of a float64 reference)."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
 
 
 @settings(**SETTINGS)
@@ -27,51 +35,52 @@ def test_symbolic_trace_graph_equals_reference(case, mode):
     report = lora_fx.rewrite(gm, RewriteConfig(case.adapter, mode=mode))
     assert set(report.modules) == set(case.adapter.modules)
     with torch.no_grad():
-        torch.testing.assert_close(gm(case.ids), reference(case), **TOL)
+        assert_matches(gm(case.ids), reference(case))
         torch.testing.assert_close(case.model(case.ids), plain, atol=0, rtol=0)  # the model is untouched
 
 
 @settings(**SETTINGS)
-@given(testing.models_and_adapters(), modes)
-def test_export_module_graph_equals_reference(case, mode):
+@given(testing.models_and_adapters(), modes, fuse)
+def test_export_module_graph_equals_reference(case, mode, fuse_tokens):
     gm = torch.export.export(case.model, (case.ids,)).module()
-    lora_fx.rewrite(gm, RewriteConfig(case.adapter, mode=mode))
+    lora_fx.rewrite(gm, RewriteConfig(case.adapter, mode=mode, fuse_tokens=fuse_tokens))
     with torch.no_grad():
-        torch.testing.assert_close(gm(case.ids), reference(case), **TOL)
+        assert_matches(gm(case.ids), reference(case))
 
 
 @settings(**{**SETTINGS, "max_examples": 8})
-@given(testing.models_and_adapters(), modes)
-def test_exported_program_carries_new_tensors(case, mode):
+@given(testing.models_and_adapters(), modes, fuse)
+def test_exported_program_carries_new_tensors(case, mode, fuse_tokens):
     ep = torch.export.export(case.model, (case.ids,))
-    new = lora_fx.rewrite(ep, RewriteConfig(case.adapter, mode=mode))
+    new = lora_fx.rewrite(ep, RewriteConfig(case.adapter, mode=mode, fuse_tokens=fuse_tokens))
     assert isinstance(new, torch.export.ExportedProgram)
     added = [s.target for s in new.graph_signature.input_specs if s.target and s.target.startswith("lora_fx.")]
     assert added and all(t in new.state_dict for t in added)
     assert set(new.lora_fx_report.modules) == set(case.adapter.modules)
     with torch.no_grad():
-        torch.testing.assert_close(new.module()(case.ids), reference(case), **TOL)
+        assert_matches(new.module()(case.ids), reference(case))
 
 
 @settings(**SETTINGS)
-@given(testing.models_and_adapters(), modes)
-def test_dynamo_graph_equals_reference(case, mode):
+@given(testing.models_and_adapters(), modes, fuse)
+def test_dynamo_graph_equals_reference(case, mode, fuse_tokens):
     torch._dynamo.reset()
-    be = lora_fx.backend(case.adapter, mode=mode, inner="aot_eager")
+    be = lora_fx.backend(case.adapter, mode=mode, inner="aot_eager", fuse_tokens=fuse_tokens)
     compiled = torch.compile(case.model, backend=be, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(case.ids), reference(case), **TOL)
+        assert_matches(compiled(case.ids), reference(case))
     assert set(be.reports[0].modules) == set(case.adapter.modules)
 
 
 @pytest.mark.inductor
 @settings(**{**SETTINGS, "max_examples": 3})
-@given(testing.models_and_adapters(), modes)
-def test_dynamo_inductor_equals_reference(case, mode):
+@given(testing.models_and_adapters(), modes, st.sampled_from([0, None]))
+def test_dynamo_inductor_equals_reference(case, mode, fuse_tokens):
     torch._dynamo.reset()
-    compiled = torch.compile(case.model, backend=lora_fx.backend(case.adapter, mode=mode), fullgraph=True)
+    be = lora_fx.backend(case.adapter, mode=mode, fuse_tokens=fuse_tokens)  # None: Inductor's default, 16
+    compiled = torch.compile(case.model, backend=be, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(case.ids), reference(case), **TOL)
+        assert_matches(compiled(case.ids), reference(case))
 
 
 def small_case(seed=0, **config):
