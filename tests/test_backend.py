@@ -194,6 +194,20 @@ def test_target_the_model_lacks_is_an_error(tmp_path):
     assert "model.layers.9.self_attn.q_proj: expected a linear" in str(e.value)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, "16"])
+def test_bad_fuse_tokens_is_an_error(bad):
+    ad = lora_fx.init_adapter(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=f"fuse_tokens: expected an int >= 0, found {bad!r}"):
+        lora_fx.backend(ad, fuse_tokens=bad)
+
+
+def test_inner_picks_the_fuse_default():
+    ad = lora_fx.init_adapter(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    assert lora_fx.backend(ad).fuse_tokens == 16  # Inductor fuses the reductions
+    assert lora_fx.backend(ad, inner="aot_eager").fuse_tokens == 0  # elsewhere they would run as they are
+    assert lora_fx.backend(ad, inner="aot_eager", fuse_tokens=4).fuse_tokens == 4
+
+
 def test_dynamo_graph_is_not_mutated(tmp_path):
     base = tiny_model("llama")
     ad = lora_fx.init_adapter(base, LoraConfig(target_modules=["q_proj"]))
