@@ -63,6 +63,12 @@ def _tokens(site: Site) -> int | None:
     return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
 
 
+def _small_matmul(graph: fx.Graph, a: fx.Node, w: fx.Node) -> fx.Node:
+    """a @ w^T for a [M, K], w [N, K], as ``sum(a[:, None, :] * w, -1)``: no GEMM call, fusable."""
+    return call(graph, aten.sum.dim_IntList, (
+        call(graph, aten.mul.Tensor, (call(graph, aten.unsqueeze.default, (a, 1)), w)), [-1]))
+
+
 def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fused: bool) -> fx.Node:
     """y + the update, in the adapter's dtype, with x and y flattened to [M, in] / [M, out]."""
     y = _cast(graph, site.node, lora_dtype)  # exact: the adapter dtype is at least as wide
@@ -70,15 +76,11 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
         h = call(graph, aten.embedding.default, (t["lora_a"], call(graph, aten.flatten.using_ints, (site.x,))))
     else:
         x = call(graph, aten.flatten.using_ints, (_cast(graph, site.x, lora_dtype), 0, -2))  # [M, in]
-        if fused:
-            h = call(graph, aten.sum.dim_IntList, (
-                call(graph, aten.mul.Tensor, (call(graph, aten.unsqueeze.default, (x, 1)), t["lora_a"])), [-1]))
-        else:
-            h = call(graph, aten.mm.default, (x, call(graph, aten.t.default, (t["lora_a"],))))  # [M, R]
+        h = (_small_matmul(graph, x, t["lora_a"]) if fused
+             else call(graph, aten.mm.default, (x, call(graph, aten.t.default, (t["lora_a"],)))))  # [M, R]
     h = call(graph, aten.mul.Tensor, (h, t["scale"]))
     if fused:
-        d = call(graph, aten.sum.dim_IntList, (
-            call(graph, aten.mul.Tensor, (call(graph, aten.unsqueeze.default, (h, 1)), t["lora_b"])), [-1]))
+        d = _small_matmul(graph, h, t["lora_b"])  # [M, out]
         out = call(graph, aten.add.Tensor, (y, call(graph, aten.view_as.default, (d, y))))
     else:
         y2 = call(graph, aten.flatten.using_ints, (y, 0, -2))
