@@ -10,7 +10,9 @@ The tensors are shared by all graphs, so swapping adapters is an in-place copy, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,9 +20,11 @@ import torch
 from torch import fx
 
 from .adapter import Adapter
+from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if
 from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, rewrite_graph
-from .state import LoraState
+from .slots import Adapters
+from .state import LoraState, resolve
 
 INNER = ("inductor", "aot_eager", "eager")
 FUSE_TOKENS = 16  # Inductor: at most this many static tokens, the branch is fused reductions (CPU fp32:
@@ -39,15 +43,23 @@ def _inner_backend(inner: str | Callable) -> Callable:
     return lookup_backend(inner)
 
 
-def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of dynamo's GraphModule that can be changed without touching dynamo's own."""
+def _copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, value_map))
+    new_gm = fx.GraphModule(gm, graph)
+    for name, child in gm.named_children():  # higher-order-op bodies: copied too, passes change them
+        if isinstance(child, fx.GraphModule):
+            setattr(new_gm, name, _copy_graph_module(child)[0])
+    return new_gm, value_map
+
+
+def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of dynamo's GraphModule (and its subgraphs) that can be changed without touching dynamo's own."""
+    new_gm, value_map = _copy_graph_module(gm)
     for old, new in value_map.items():
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
-    new_gm = fx.GraphModule(gm, graph)
     new_gm.meta = dict(gm.meta)
     for attr in ("_param_name_to_source",):
         if hasattr(gm, attr):
@@ -55,11 +67,13 @@ def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return new_gm
 
 
-def _static_fakes(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+def _static_fakes(tensors: tuple[torch.Tensor, ...], trainable: set[int]) -> list[torch.Tensor]:
     """Our tensors as fake tensors of static shape in the backend's fake mode.
 
     Real tensors that dynamo did not see would be fakified by AOTAutograd with fresh symbolic
-    sizes that have no source, and dynamo then fails to build its shape guards.
+    sizes that have no source, and dynamo then fails to build its shape guards. With gradients
+    on, A and B are traced as requiring grad whatever they are now, so a graph compiled before
+    training starts still gives them gradients (dynamo does not guard on tensors it did not see).
     """
     from torch._guards import TracingContext
 
@@ -67,10 +81,70 @@ def _static_fakes(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     mode = getattr(ctx, "fake_mode", None)
     if mode is None:
         return list(tensors)
-    return [mode.from_tensor(t, static_shapes=True) for t in tensors]
+    grad = torch.is_grad_enabled()
+    fakes = [mode.from_tensor(t, static_shapes=True) for t in tensors]
+    return [f.requires_grad_(True) if grad and id(t) in trainable and not f.requires_grad else f
+            for f, t in zip(fakes, tensors)]
 
 
-Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]]
+# -- past dynamo's recompile limit, dynamo runs the plain Python code: the base model. A frame that
+# a lora_fx backend compiled must raise instead. Dynamo logs a warning just before it falls back,
+# inside the frame's compile context; this filter turns that warning into the error.
+_FRAMES: set[int] = set()
+
+
+class RecompileLimitError(LoraFxError, RuntimeError):
+    """Dynamo's recompile limit was reached for a frame that applies a LoRA adapter."""
+
+
+class _RecompileLimitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("torch._dynamo hit config."):
+            from torch._guards import CompileContext
+
+            cid = CompileContext.current_compile_id()
+            if cid is not None and cid.frame_id in _FRAMES:
+                limit = record.args[0] if record.args else "recompile_limit"
+                raise RecompileLimitError(
+                    f"{record.args[2] if len(record.args) > 2 else 'a compiled function'}: dynamo reached "
+                    f"torch._dynamo.config.{limit} and would run it without the adapter from now on; raise "
+                    f"torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the "
+                    "changing dimension dynamic (torch.compile(..., dynamic=True))")
+        return True
+
+
+def _watch_recompile_limit() -> None:
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _RecompileLimitFilter) for f in log.filters):
+        log.addFilter(_RecompileLimitFilter())
+
+
+def _register_frame() -> None:
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is not None:
+        _FRAMES.add(cid.frame_id)
+
+
+def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
+    """The model the adapter names, from the Python stack of the frame being compiled: the module
+    (``self`` of a caller, or a compiled wrapper's ``_orig_mod``) whose module names cover most of
+    ``fqns``. Dynamo compiles a frame when it is entered, so its callers are on the stack."""
+    best, best_count = None, 0
+    frame = sys._getframe(1)
+    seen: set[int] = set()
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        for m in (obj, getattr(obj, "_orig_mod", None)):
+            if isinstance(m, torch.nn.Module) and id(m) not in seen:
+                seen.add(id(m))
+                names = {n for n, _ in m.named_modules()}
+                count = sum(f in names for f in fqns)
+                if count > best_count or (count == best_count and count and best is None):
+                    best, best_count = m, count
+        frame = frame.f_back
+    return best
 
 
 class LoraBackend:
@@ -92,9 +166,14 @@ class LoraBackend:
 
     Attributes:
         reports: one RewriteReport per compiled graph.
+        lock: held by every compiled call and every change (swap, scale, select, ...): a change
+            made from another thread waits for the running graph. With graph breaks, hold it
+            around the whole forward (``with be.lock: model(x)``) to make the forward atomic.
 
-    Swapping, scaling, disabling and selecting never recompile: they refill, in place, the
-    tensors every compiled graph reads.
+    Every graph is rewritten for every module the backend was built with, whatever is active when
+    it compiles; swapping, scaling, disabling and selecting never recompile. Before each call a
+    compiled graph recomputes the derived tensors it reads (fold's W', DoRA's norms, scales) if a
+    setting changed or the base weights they come from were edited in place since.
     """
 
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
@@ -107,58 +186,92 @@ class LoraBackend:
         self.fuse_tokens = fuse_tokens if fuse_tokens is not None else FUSE_TOKENS if inner == "inductor" else 0
         self.inner = _inner_backend(inner)
         self.state = LoraState(adapters, mode, max_rank, inplace=inplace)
+        self.lock = self.state.lock
         self.reports: list[RewriteReport] = []
+        self.model: torch.nn.Module | None = None
+        self._seen: set[str] = set()
+        _watch_recompile_limit()
+
+    def attach(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Name the model the adapter applies to (found from the call stack otherwise).
+
+        Raises:
+            ModelMismatchError: the model lacks a module the adapter names.
+        """
+        self.model = model
+        self._check_model(model)
+        return model
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        names = {n for n, _ in model.named_modules()}
+        raise_if([f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none; "
+                  "the model has no module of that name" for fqn in self.state.layout.specs if fqn not in names],
+                 GraphRewriteError, "cannot apply the adapter to this model:")
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        _register_frame()
         gm = copy_dynamo_graph(gm)
         inputs = DynamoInputs(gm, example_inputs)
-        self.reports.append(rewrite_graph(gm, inputs, self.state, self.fuse_tokens))
+        model = self.model or find_model(list(self.state.layout.specs))
+        if model is not None and self.model is None:
+            self._check_model(model)
+        state = self.state
+        with state.lock:
+            done = rewrite_graph(gm, inputs, state, self.fuse_tokens, model=model, require_all=False)
+        self.reports.append(done.report)
+        self._seen |= set(done.report.modules) | set(done.report.substituted)
         extra = tuple(inputs.extra)
-        compiled = self.inner(gm, [*example_inputs, *_static_fakes(extra)])
+        trainable = {id(p) for t in state.trainable.values() for p in t.values()}
+        compiled = self.inner(gm, [*example_inputs, *_static_fakes(extra, trainable)])
+        return _bind(compiled, extra, state, done.derived, done.batch)
 
-        def run(*args: Any) -> Any:
-            return compiled(*args, *extra)
-
-        return run
+    def unseen_modules(self) -> list[str]:
+        """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
+        a forward, these ran outside the compiled graphs (or do not exist) and got no adapter."""
+        return sorted((set(self.state.layout.specs) | set(self.state.layout.overrides)) - self._seen)
 
     def swap(self, adapters: Adapters) -> None:
         """Replace the active adapter(s) in place; the next call equals a fresh compile with them.
 
-        Branch mode copies into the tensors padded to the rank budget; fold mode recomputes
-        W' = W + scale * B A in place. A new adapter may target the compiled modules or a subset
-        (the others contribute nothing). With a mixed-batch backend, pass a mapping of the slot
-        names to replace.
+        Branch mode writes A and B (padded to the rank budget): trained values are replaced.
+        Fold mode recomputes W' = W + scale * B A before the next call. A new adapter may target
+        the compiled modules or a subset (the others contribute nothing). With a mixed-batch
+        backend, pass a mapping of the slot names to replace.
 
         Raises:
             SwapError: a module the compiled graphs lack, a rank above the budget, DoRA where the
                 graph has plain LoRA (or the reverse), a new lora_bias or replaced tensor.
         """
-        self.state.swap(adapters)
+        with self.lock:
+            self.state.update(adapters=adapters)
 
     def set_scale(self, scale: float) -> None:
-        """Multiply every adapter's scale by ``scale`` (0 runs the base model)."""
-        self.state.multiplier = float(scale)
-        self.state.refill()
+        """Multiply every adapter's scale by ``scale`` (0 runs the base model). A and B (trained
+        or not) are kept."""
+        with self.lock:
+            self.state.update(multiplier=scale)
 
     def disable(self) -> None:
-        """Run the base model (adapters and replaced tensors off) until ``enable``."""
-        self.state.enabled = False
-        self.state.refill()
+        """Run the base model (adapters and replaced tensors off) until ``enable``; A and B are kept."""
+        with self.lock:
+            self.state.update(enabled=False)
 
     def enable(self) -> None:
         """Undo ``disable``."""
-        self.state.enabled = True
-        self.state.refill()
+        with self.lock:
+            self.state.update(enabled=True)
 
     def restore(self) -> None:
-        """In-place fold: put the model's own weights back exactly and turn the adapter off
-        (``enable`` merges again). Other modes: the same as ``disable``."""
-        self.state.enabled = False
-        self.state.refill()
+        """Turn the adapter off. In-place fold: put the model's own weights back exactly (the
+        copies saved when they were merged), also after a refused outside change; ``enable``
+        merges again, from the weights the model then holds."""
+        with self.lock:
+            self.state.update(enabled=False, restoring=True)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """``with be.disabled(): model(x)`` runs the base model inside the block."""
+        """``with be.disabled(): model(x)`` runs the base model inside the block (a reference pass
+        during training keeps the trained A and B)."""
         was = self.state.enabled
         self.disable()
         try:
@@ -171,29 +284,63 @@ class LoraBackend:
         """Mixed batches: row i of the following calls uses adapter ``rows[i]`` (None: the base model).
 
         With beam search (num_beams = k), give one name per input row: the selection is repeated
-        for the k beams of each row, as PEFT's ``adapter_names`` is.
+        for the k beams of each row, as PEFT's ``adapter_names`` is. A call whose batch is not a
+        multiple of ``len(rows)`` raises SwapError.
 
         Raises:
             SwapError: an unknown name, or a backend built without named adapters.
         """
-        self.state.select(rows)
+        if self.state.selection is None:
+            raise SwapError("select: expected a backend built with a mapping name -> adapter, found one adapter set")
+        with self.lock:
+            self.state.selection.select(rows)
 
-    def trained_adapter(self) -> Adapter:
+    def trained_adapter(self) -> Adapter | list[Adapter]:
         """The adapter with A and B as they are now (after training); ``.save(dir)`` writes PEFT's format."""
         adapters = self.state.trained_adapters()
         return adapters[0] if len(adapters) == 1 else adapters
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """Branch mode's A and B tensors: pass them to an optimizer to train the adapter."""
+        """Branch mode's A and B: pass them to an optimizer to train the adapter. Asking for them
+        turns their gradients on (until then a forward outside ``no_grad`` builds no autograd
+        graph for them)."""
         return self.state.parameters()
 
     def named_parameters(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         """Module fqn -> {"lora_a": (R, in), "lora_b": (out, R)}, padded to the rank budget R.
 
-        Embeddings keep A transposed, (vocab, R). Modules appear once a graph has used them.
+        Embeddings keep A transposed, (vocab, R). Turns their gradients on, as ``parameters``.
         """
-        return {fqn: {k: t for k, t in ts.items() if isinstance(t, torch.nn.Parameter)}
-                for fqn, ts in self.state.tensors.items() if self.mode == "branch"}
+        self.state.parameters()
+        return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
+
+
+def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any) -> Callable:
+    """The function dynamo calls for one graph: bring what it reads up to date, then run it."""
+    watched = [(d, refs) for d, refs in derived if d.watch or state.inplace]
+    generation = [-1]
+    device = state.device
+
+    def run(*args: Any) -> Any:
+        with state.lock:
+            for d, refs in derived if generation[0] != state.generation else watched:
+                state.check(d, resolve(refs, args))
+            generation[0] = state.generation
+            if device is not None and state.device != device:  # the model moved back and forth
+                state.place(device)
+            if batch is not None and state.selection is not None:
+                _check_batch(batch, args, state.selection.count)
+            return compiled(*args, *extra)
+
+    return run
+
+
+def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:
+    size = batch if isinstance(batch, int) else args[batch[1]].shape[0] if batch[0] == "shape" else args[batch[1]]
+    if size % rows:
+        raise SwapError(f"mixed batch: expected a batch of a multiple of the {rows} selected rows "
+                        f"(one name per row; beams repeat it), found {size} rows; call select() with one "
+                        "name per row of this batch")
 
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",

@@ -145,7 +145,7 @@ def variants_for(group: str, args, tmp: str) -> dict:
 def weights_bytes(model, be=None) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     if be is not None:
-        n += sum(t.numel() * t.element_size() for ts in be.state.tensors.values() for t in ts.values())
+        n += sum(t.numel() * t.element_size() for t in be.state.held())
     return n
 
 

@@ -61,16 +61,55 @@ def fake_mode_of(values: Any) -> Any:
 
 
 @dataclass
+class Scope:
+    """A graph that ops live in: the top graph, or the body of a higher-order op (activation
+    checkpointing, ``wrap``, ...) whose placeholders are the op's operands from ``first`` on."""
+
+    gm: fx.GraphModule
+    parent: Scope | None = None
+    call: fx.Node | None = None
+    first: int = 0
+
+    def top(self, node: Any) -> Any:
+        """The top-graph node ``node`` stands for (a body placeholder is its call's operand)."""
+        scope = self
+        while scope.parent is not None and isinstance(node, fx.Node) and node.op == "placeholder":
+            index = list(scope.gm.graph.find_nodes(op="placeholder")).index(node)
+            node, scope = scope.call.args[scope.first + index], scope.parent
+        return node if scope.parent is None else None
+
+    def pass_in(self, outer: fx.Node) -> fx.Node:
+        """A body placeholder fed by ``outer`` (a node of the parent graph), appended to the call."""
+        graph = self.gm.graph
+        last = list(graph.find_nodes(op="placeholder"))[-1]
+        with graph.inserting_after(last):
+            node = graph.placeholder(f"lora_fx_{outer.name}")
+        node.meta[MARK] = True
+        for key in ("val", "example_value"):
+            if key in outer.meta:
+                node.meta[key] = outer.meta[key]
+        self.call.args = (*self.call.args, outer)
+        return node
+
+
+@dataclass
 class Site:
     """One linear-like op in a graph, attributed to a module.
 
     kind: "linear" (y = x W^T + b, W (out, in)), "conv1d" (addmm(b, x2d, W), W (in, out)),
-    or "embedding" (y = W[x], W (vocab, dim)).
+    or "embedding" (y = W[x], W (vocab, dim)). ``path``: the module path the graph's metadata
+    gives (relative to the traced frame's root); ``fqn``: the adapter's module name.
     """
 
     node: fx.Node
     fqn: str
     kind: str
+    scope: Scope | None = None
+    path: str = ""
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.node.graph
 
     @property
     def _is_aten_embedding(self) -> bool:
@@ -124,28 +163,75 @@ def _site_kind(node: fx.Node) -> str | None:
     return None
 
 
-def find_sites(graph: fx.Graph, fallback_paths: dict[fx.Node, str] | None = None) -> tuple[list[Site], list[fx.Node]]:
-    """Every linear-like op and its module fqn; also the ops that could not be attributed.
+# higher-order ops whose body is called once with the operands that follow it: body index, first operand
+_hop = torch.ops.higher_order
+BODY_HOPS = {_hop.tag_activation_checkpoint: (0, 1), _hop.wrap: (0, 1), _hop.wrap_activation_checkpoint: (0, 1),
+             _hop.wrap_with_set_grad_enabled: (1, 2), _hop.wrap_with_autocast: (4, 5)}
+
+
+@dataclass
+class Refused:
+    """A linear-like op inside a subgraph lora_fx cannot rewrite (its higher-order op, or a body
+    shared by several calls)."""
+
+    node: fx.Node
+    path: str | None
+    why: str
+
+
+def _site_path(node: fx.Node, scope: Scope, fallback_paths: dict[fx.Node, str] | None) -> str | None:
+    path = module_fqn(node)
+    if path is None and fallback_paths:
+        top = scope.top(Site(node, "", _site_kind(node)).weight)
+        p = fallback_paths.get(top)
+        path = p.rpartition(".")[0] if p else None
+    return path
+
+
+def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = None,
+               ) -> tuple[list[Site], list[fx.Node], list[Refused]]:
+    """Every linear-like op and its module path, in the graph and the bodies of its higher-order ops;
+    also the ops that could not be attributed, and the ops in bodies lora_fx cannot rewrite.
 
     The module comes from ``nn_module_stack`` (the module whose forward made the call, which is
     right for tied weights too); without it, from the weight's parameter path in
-    ``fallback_paths`` (``layers.0.fc.weight`` -> ``layers.0.fc``).
+    ``fallback_paths`` (``layers.0.fc.weight`` -> ``layers.0.fc``). ``Site.fqn`` is left to the caller.
     """
-    sites, unattributed = [], []
-    for node in graph.nodes:
-        kind = _site_kind(node)
-        if kind is None or node.meta.get(MARK):
-            continue
-        fqn = module_fqn(node)
-        if fqn is None and fallback_paths:
-            weight = Site(node, "", kind).weight
-            path = fallback_paths.get(weight)
-            fqn = path.rpartition(".")[0] if path else None
-        if fqn is None:
-            unattributed.append(node)
-        else:
-            sites.append(Site(node, fqn, kind))
-    return sites, unattributed
+    sites: list[Site] = []
+    unattributed: list[fx.Node] = []
+    refused: list[Refused] = []
+
+    def walk(scope: Scope, why: str | None) -> None:
+        uses: dict[str, int] = {}
+        for node in scope.gm.graph.find_nodes(op="get_attr"):
+            uses[node.target] = uses.get(node.target, 0) + len(node.users)
+        for node in scope.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            kind = _site_kind(node)
+            if kind is not None and not node.meta.get(MARK):
+                path = _site_path(node, scope, fallback_paths)
+                if why is not None:
+                    refused.append(Refused(node, path, why))
+                elif path is None:
+                    unattributed.append(node)
+                else:
+                    sites.append(Site(node, "", kind, scope, path))
+            bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                      and isinstance(getattr(scope.gm, a.target, None), fx.GraphModule)]
+            for body in bodies:
+                sub = getattr(scope.gm, body.target)
+                spec = BODY_HOPS.get(node.target)
+                inner_why = why
+                if inner_why is None and (spec is None or node.args[spec[0]] is not body):
+                    name = getattr(node.target, "__name__", node.target)
+                    inner_why = f"inside {name}, which lora_fx does not rewrite"
+                elif inner_why is None and uses.get(body.target, 0) > 1:
+                    inner_why = f"in a subgraph ({body.target}) that several calls share"
+                walk(Scope(sub, scope, node, spec[1] if spec else 0), inner_why)
+
+    walk(Scope(gm), None)
+    return sites, unattributed, refused
 
 
 def inline_leaf_modules(gm: fx.GraphModule) -> int:

@@ -54,6 +54,19 @@ class GraphInputs:
     def node_for_path(self, path: str) -> fx.Node | None:
         return next((n for n, p in self.paths.items() if p == path), None)
 
+    def node_for_tensor(self, t: torch.Tensor) -> fx.Node | None:
+        """The graph input that holds ``t`` (same storage and shape)."""
+        return next((n for n, v in self.values.items() if not n.meta.get(MARK)
+                     and v.data_ptr() == t.data_ptr() and v.shape == t.shape), None)
+
+    def ref(self, node: fx.Node | None) -> Any:
+        """Where a call finds ``node``'s tensor: its value (a graph that is not called with it)."""
+        return self.value(node)
+
+    def batch_ref(self, dim: Any) -> Any:
+        """Where a call's batch size ``dim`` is read: the int itself when static."""
+        return dim if isinstance(dim, int) else None
+
     def add(self, name: str, tensor: torch.Tensor) -> fx.Node:
         """A node for ``tensor`` (one per tensor object, however often it is asked for)."""
         node = self._added.get(id(tensor))
@@ -88,6 +101,7 @@ class DynamoInputs(GraphInputs):
         self.fake_mode = None
         self.extra: list[torch.Tensor] = []
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self._positions = {node: i for i, node in enumerate(placeholders)}
         self._last = placeholders[-1] if placeholders else None
         for node, value in zip(placeholders, example_inputs):
             if isinstance(value, torch.Tensor):
@@ -100,6 +114,24 @@ class DynamoInputs(GraphInputs):
         for node in gm.graph.find_nodes(op="get_attr"):
             if node.target in sources:
                 self.paths[node] = normalize_path(sources[node.target].name)
+
+    def ref(self, node: fx.Node | None) -> Any:
+        """A placeholder's position in the call's arguments (its tensor may change between calls)."""
+        return self._positions[node] if node in self._positions else self.value(node)
+
+    def batch_ref(self, dim: Any) -> Any:
+        """The static batch size, or ("shape" | "int", position) of the input that carries it."""
+        if isinstance(dim, int):
+            return dim
+        expr = getattr(getattr(dim, "node", None), "expr", None)
+        for node, i in self._positions.items():
+            val = node.meta.get("example_value")
+            if isinstance(val, torch.Tensor) and val.dim() and getattr(val.shape[0], "node", None) is not None \
+                    and val.shape[0].node.expr == expr:
+                return ("shape", i)
+            if isinstance(val, torch.SymInt) and val.node.expr == expr:
+                return ("int", i)
+        return None
 
     def _make(self, name: str, tensor: torch.Tensor) -> fx.Node:
         graph = self.gm.graph

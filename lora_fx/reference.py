@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides, model_problems
 from .errors import ModelMismatchError, raise_if
-from .state import fold_tensors
+from .tensors import fold_tensors
 
 
 def _linear_hook(module: torch.nn.Module, weights: list[LoraWeights]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ from .adapter import Adapter, as_adapters
 from .errors import GraphRewriteError, raise_if
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
 from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
-from .state import LoraState
+from .passes.mixed import batched_input
+from .state import Derived, LoraState
 
 MODES = ("branch", "fold")
 
@@ -68,88 +69,170 @@ class RewriteReport:
         return "\n".join(lines)
 
 
-def _describe(state: LoraState, fqn: str, kind: str) -> str:
-    ws = state.modules[fqn]
-    rslora = any(a.config.use_rslora for slot in state.slots for a in slot if fqn in a.modules)
-    variant = "DoRA" if ws[0].magnitude is not None else "rsLoRA" if rslora else "LoRA"
-    ranks = "+".join(str(w.rank) for w in ws)
-    mode = "mixed-batch branch" if state.mixed else state.mode
-    return f"{mode} {kind} r={ranks} {variant}" + (" +bias" if any(w.bias is not None for w in ws) else "")
+def owners_of(model: torch.nn.Module) -> dict[tuple, list[str]]:
+    """(weight storage address, shape) -> the fqns of the modules whose ``weight`` it is (tied
+    weights have several), for attributing a graph's op to its module by the tensor it reads."""
+    out: dict[tuple, list[str]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            out.setdefault((w.data_ptr(), tuple(w.shape)), []).append(fqn)
+    return out
 
 
-def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0) -> RewriteReport:
-    """Apply ``state``'s adapters to ``gm`` in place (``fuse_tokens``: see RewriteConfig).
+def attribute(path: str, weight: torch.Tensor | None, wanted: Iterable[str],
+              owners: dict[tuple, list[str]] | None) -> str:
+    """The adapter fqn of an op whose module metadata says ``path`` (relative to the traced frame).
+
+    With the model known (``owners``), the module is the one whose weight the op reads (the path
+    picks among tied weights). Without it, the path itself, or the one wanted fqn it is a suffix of
+    (a graph traced from a submodule after a graph break).
+    """
+    def fits(fqn: str) -> bool:
+        return fqn == path or not path or fqn.endswith("." + path)
+
+    if owners is not None and weight is not None:
+        cands = owners.get((weight.data_ptr(), tuple(weight.shape)), [])
+        best = [f for f in cands if fits(f)] or cands
+        exact = [f for f in best if f == path]
+        if exact or len(best) == 1:
+            return (exact or best)[0]
+    if path in wanted or not path:
+        return path
+    ends = [f for f in wanted if f.endswith("." + path)]
+    return ends[0] if len(ends) == 1 else path
+
+
+class Feeder:
+    """Adds tensors to a graph and threads them into the higher-order-op bodies that read them."""
+
+    def __init__(self, inputs: GraphInputs):
+        self.inputs = inputs
+        self._cache: dict[tuple[int, int], fx.Node] = {}
+
+    def node(self, scope: g.Scope | None, name: str, tensor: torch.Tensor) -> fx.Node:
+        if scope is None or scope.parent is None:
+            return self.inputs.add(name, tensor)
+        key = (id(scope.gm), id(tensor))
+        if key not in self._cache:
+            self._cache[key] = scope.pass_in(self.node(scope.parent, name, tensor))
+        return self._cache[key]
+
+
+@dataclass
+class Rewritten:
+    """What one rewrite did: the report, and for each derived tensor set the graph reads, where its
+    base tensors come from in a call (an int: that position of the call's arguments)."""
+
+    report: RewriteReport
+    derived: list[tuple[Derived, tuple]]
+    batch: Any = None  # mixed batches: where the call's batch size is read (see passes.mixed)
+
+
+def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
+                  model: torch.nn.Module | None = None, require_all: bool = True) -> Rewritten:
+    """Apply ``state``'s layout to ``gm`` (and the bodies of its higher-order ops) in place.
+
+    Every module the layout holds is rewritten where the graph has its op, whatever adapter is
+    active now. ``require_all``: every module must be in this graph (whole-model graphs); else a
+    graph holds the modules it holds (graph breaks). ``model``: the model the adapter names, for
+    attributing ops by the weight they read.
 
     Raises GraphRewriteError listing every problem."""
-    graph = gm.graph
-    if any(n.meta.get(g.MARK) for n in graph.nodes):
+    if any(n.meta.get(g.MARK) for n in gm.graph.nodes):
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
-    sites, unattributed = g.find_sites(graph, inputs.paths)
-    wanted = state.modules
-    chosen = [s for s in sites if s.fqn in wanted]
+    specs = state.layout.specs
+    owners = owners_of(model) if model is not None else None
+    sites, unattributed, refused = g.find_sites(gm, inputs.paths)
+
+    def weight_of(node: fx.Node | None, scope: g.Scope | None) -> torch.Tensor | None:
+        return inputs.value(scope.top(node)) if scope is not None else None
+
+    for s in sites:
+        s.fqn = attribute(s.path, weight_of(s.weight, s.scope), specs, owners)
+    chosen = [s for s in sites if s.fqn in specs]
     problems: list[str] = []
+    for r in refused:
+        fqn = attribute(r.path or "", None, specs, owners) if r.path is not None else None
+        if fqn in specs:
+            problems.append(f"{fqn}: its op is {r.why}; expected it in the graph or an activation-checkpoint body")
     found = {s.fqn for s in chosen}
-    missing = [fqn for fqn in wanted if fqn not in found]
+    missing = [fqn for fqn in specs if fqn not in found] if require_all else []
     if missing:
         hint = (f"; {len(unattributed)} linear-like ops have no module metadata (nn_module_stack)"
                 if unattributed else f"; modules seen in the graph: {sorted({s.fqn for s in sites})[:8]}")
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
     for s in chosen:
-        emb = wanted[s.fqn][0].embedding
-        if emb != (s.kind == "embedding"):
-            held = "embedding" if emb else "linear"
-            problems.append(f"{s.fqn}: adapter holds {held} LoRA, the graph's op is {s.kind}")
-        w = inputs.value(s.weight)
+        spec = specs[s.fqn]
+        if spec.embedding != (s.kind == "embedding"):
+            problems.append(f"{s.fqn}: adapter holds {'embedding' if spec.embedding else 'linear'} LoRA, "
+                            f"the graph's op is {s.kind}")
+        w = weight_of(s.weight, s.scope)
         if w is None:
             problems.append(f"{s.fqn}: expected its weight to be a parameter of the graph, found {s.weight}")
             continue
-        out_f, in_f = wanted[s.fqn][0].lora_b.shape[0], wanted[s.fqn][0].lora_a.shape[1]
+        out_f, in_f = spec.shape
         shape = {"linear": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f)}[s.kind]
         if tuple(w.shape) != shape:
             problems.append(f"{s.fqn}: expected weight shape {shape} for the adapter's A/B, found {tuple(w.shape)}")
+    params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
+    params.update(dict(model.named_buffers(remove_duplicate=False)) if model is not None else {})
     replacements: dict[fx.Node, fx.Node] = {}
-    for path in state.overrides:
-        node = inputs.node_for_path(path)
+    feeder, derived = Feeder(inputs), []
+    for path in sorted(state.layout.overrides):
+        node = inputs.node_for_tensor(params[path]) if path in params else inputs.node_for_path(path)
         if node is None:
-            problems.append(f"{path}: the adapter replaces this tensor, the graph has no such parameter")
-        elif tuple(inputs.value(node).shape) != tuple(state.overrides[path].shape):
-            problems.append(f"{path}: expected shape {tuple(inputs.value(node).shape)}, "
-                            f"found {tuple(state.overrides[path].shape)}")
-        else:
-            replacements[node] = inputs.add(f"{path}.lora_fx", state.override(path, inputs.value(node)))
+            if require_all:
+                problems.append(f"{path}: the adapter replaces this tensor, the graph has no such parameter")
+            continue
+        value = inputs.value(node)
+        want = tuple(state.adapters.overrides[path].shape) if path in state.adapters.overrides else tuple(value.shape)
+        if tuple(value.shape) != want:
+            problems.append(f"{path}: expected shape {tuple(value.shape)}, found {want}")
+            continue
+        t, d = state.override_tensor(path, value)
+        replacements[node] = feeder.node(None, f"{path}.lora_fx", t)
+        derived.append((d, (inputs.ref(node),)))
     raise_if(problems, GraphRewriteError, "cannot apply the adapter to this graph:")
     report = RewriteReport(state.mode)
-    report.substituted = sorted(state.overrides)
-    substitute_tensors(graph, replacements)
-
-    def site_tensors(s: g.Site) -> dict[str, torch.Tensor]:
-        w_node, b_node = s.weight, s.bias
-        return state.module_tensors(s.fqn, s.kind, inputs.value(w_node), inputs.value(b_node))
+    report.substituted = sorted(inputs.paths.get(n, str(n)) for n in replacements)
+    substitute_tensors(gm.graph, replacements)
 
     def nodes(s: g.Site) -> dict[str, fx.Node]:
-        return {role: inputs.add(f"{s.fqn}.{role}", t) for role, t in site_tensors(s).items()}
+        w_top, b_top = s.scope.top(s.weight), s.scope.top(s.bias) if s.bias is not None else None
+        tensors, d = state.module_tensors(s.fqn, s.kind, inputs.value(w_top), inputs.value(b_top))
+        derived.append((d, (inputs.ref(w_top), inputs.ref(b_top))))
+        return {role: feeder.node(s.scope, f"{s.fqn}.{role}", t) for role, t in tensors.items()}
 
     before = len(inputs.values)
+    batch = None
     if state.mode == "fold":
-        report.sites = fold_lora_weights(graph, chosen, nodes)
+        report.sites = fold_lora_weights(chosen, nodes)
     elif state.mixed:
-        if chosen:
-            state.place_selection(inputs.value(chosen[0].weight).device)
-        index, rows = inputs.add("lora_fx.index", state.index), inputs.add("lora_fx.rows", state.rows)
         for s in chosen:
-            vocab = inputs.value(s.weight).shape[0] if s.kind == "embedding" else 0
-            insert_mixed_lora_branch(graph, s, nodes(s), index, rows, state.modules[s.fqn][0].lora_a.dtype, vocab)
+            t = nodes(s)
+            index = feeder.node(s.scope, "lora_fx.index", state.selection.index)
+            rows = feeder.node(s.scope, "lora_fx.rows", state.selection.rows)
+            vocab = inputs.value(s.scope.top(s.weight)).shape[0] if s.kind == "embedding" else 0
+            insert_mixed_lora_branch(s, t, index, rows, specs[s.fqn].dtype, vocab)
+            batch = batch if batch is not None else inputs.batch_ref(g.tensor_meta(batched_input(s)[0]).shape[0])
         report.sites = len(chosen)
     else:
-        report.sites = insert_lora_branches(graph, chosen, lambda s: (nodes(s), state.modules[s.fqn][0].lora_a.dtype),
-                                            fuse_tokens)
+        report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype), fuse_tokens)
     report.added_inputs = len(inputs.values) - before + len(replacements)
     for s in chosen:
-        report.modules.setdefault(s.fqn, _describe(state, s.fqn, s.kind))
-    graph.lint()
-    gm.recompile()
-    return report
+        report.modules.setdefault(s.fqn, state.describe(s.fqn, s.kind))
+    touched = {id(gm): gm}
+    for s in chosen:
+        scope = s.scope
+        while scope is not None:
+            touched[id(scope.gm)] = scope.gm
+            scope = scope.parent
+    for graph_module in touched.values():
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return Rewritten(report, derived, batch)
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:
@@ -177,7 +260,7 @@ def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any
     if hasattr(gm, HOLDER):
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
     g.inline_leaf_modules(gm)
-    return rewrite_graph(gm, ModuleInputs(gm), state, cfg.fuse_tokens)
+    return rewrite_graph(gm, ModuleInputs(gm), state, cfg.fuse_tokens).report
 
 
 def _rewrite_exported(ep: Any, state: LoraState, fuse_tokens: int) -> Any:
@@ -185,7 +268,7 @@ def _rewrite_exported(ep: Any, state: LoraState, fuse_tokens: int) -> Any:
 
     gm = copy.deepcopy(ep.graph_module)
     inputs = ExportInputs(ep, gm)
-    report = rewrite_graph(gm, inputs, state, fuse_tokens)
+    report = rewrite_graph(gm, inputs, state, fuse_tokens).report
     state_dict = dict(ep.state_dict)
     new_by_node = {node: (target, t) for node, target, t in inputs.new_specs}
     specs = []

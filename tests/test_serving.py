@@ -200,7 +200,7 @@ def test_fold_in_place_merges_and_restores_bit_for_bit(tmp_path, use_dora):
     ids = example_ids()
     with torch.no_grad():
         torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
-        assert be.state.tensors and not any(be.state.tensors.values()), "nothing extra held in memory"
+        assert be.state.derived and not any(d.tensors for d in be.state.derived.values()), "nothing extra held"
         q = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(model.state_dict()[q], before[q]), "merged into the model's own weight"
         with no_recompiles():

@@ -91,10 +91,10 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
     return out
 
 
-def insert_lora_branch(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype,
-                       fuse_tokens: int = 0) -> fx.Node:
-    """Add the update after ``site``'s op and route the op's users to it; returns the new output."""
-    y = site.node
+def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fuse_tokens: int = 0) -> fx.Node:
+    """Add the update after ``site``'s op (in the graph that holds it) and route the op's users to it;
+    returns the new output."""
+    graph, y = site.graph, site.node
     users = list(y.users)
     meta = tensor_meta(y)
     with graph.inserting_before(y.next):
@@ -119,11 +119,10 @@ def insert_lora_branch(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_
     return out
 
 
-def insert_lora_branches(graph: fx.Graph, sites: list[Site],
-                         tensors: Callable[[Site], tuple[dict[str, fx.Node], torch.dtype]],
+def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict[str, fx.Node], torch.dtype]],
                          fuse_tokens: int = 0) -> int:
     """Insert the LoRA branch at every site; ``tensors(site)`` gives its input nodes and dtype."""
     for site in sites:
         nodes, dtype = tensors(site)
-        insert_lora_branch(graph, site, nodes, dtype, fuse_tokens)
+        insert_lora_branch(site, nodes, dtype, fuse_tokens)
     return len(sites)

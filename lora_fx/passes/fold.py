@@ -13,7 +13,7 @@ from torch import fx
 from ..graph import Site
 
 
-def fold_lora_weights(graph: fx.Graph, sites: list[Site], tensors: Callable[[Site], dict[str, fx.Node]]) -> int:
+def fold_lora_weights(sites: list[Site], tensors: Callable[[Site], dict[str, fx.Node]]) -> int:
     """Point every site's weight (and bias, when folded) at the merged tensors."""
     for site in sites:
         t = tensors(site)

@@ -31,7 +31,7 @@ def _op(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
     return node
 
 
-def _batched_input(site: Site) -> tuple[fx.Node, bool]:
+def batched_input(site: Site) -> tuple[fx.Node, bool]:
     """The [B, S, in] (or [B, in]) tensor the site reads, and whether it was flattened to 2-D."""
     x = site.x
     if site.kind != "conv1d":
@@ -55,12 +55,12 @@ def _slots(graph: fx.Graph, x: fx.Node, index: fx.Node, rows: fx.Node) -> fx.Nod
     return _op(graph, aten.index_select.default, (index, 0, pos))  # [B]
 
 
-def insert_mixed_lora_branch(graph: fx.Graph, site: Site, t: dict[str, fx.Node], index: fx.Node,
-                             rows: fx.Node, lora_dtype: torch.dtype, vocab: int = 0) -> fx.Node:
+def insert_mixed_lora_branch(site: Site, t: dict[str, fx.Node], index: fx.Node, rows: fx.Node,
+                             lora_dtype: torch.dtype, vocab: int = 0) -> fx.Node:
     """Add the per-row update after ``site``'s op and route its users to it (``vocab``: the
     embedding's row count, for embedding sites)."""
-    y = site.node
-    x, flattened = _batched_input(site)
+    graph, y = site.graph, site.node
+    x, flattened = batched_input(site)
     meta = tensor_meta(x)
     if meta is None or meta.dim() not in (2, 3) or (site.kind == "embedding" and meta.dim() != 2):
         raise GraphRewriteError(f"{site.fqn}: mixed batches need inputs [B, S, in] or [B, in], "

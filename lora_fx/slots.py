@@ -1,0 +1,137 @@
+"""Which adapters are applied (``AdapterSet``) and what the graphs are compiled for (``Layout``).
+
+An ``AdapterSet`` is one slot (an adapter, or a list whose updates are summed) or named slots
+(mixed-adapter batches). It changes on ``swap``. The ``Layout`` is fixed when a backend is built:
+the modules, their shapes and variants, the rank budget and the slot names. Every graph is
+rewritten for the whole layout, whatever is active when it is compiled, so a graph compiled after
+a swap looks like one compiled first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides
+from .errors import ModelMismatchError, SwapError, raise_if
+
+Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]]
+
+
+class AdapterSet:
+    """The adapters being applied: ``slots[i]`` is a list of adapters summed together.
+
+    Attributes:
+        names: slot names of a mixed-batch set (empty for one slot).
+        modules: per slot, module fqn -> the LoraWeights summed there.
+        overrides: parameter path -> replacement tensor (modules_to_save, saved biases).
+    """
+
+    def __init__(self, adapters: Adapters):
+        named = isinstance(adapters, Mapping)
+        self.names: list[str] = list(adapters) if named else []
+        self.slots = [as_adapters(a) for a in adapters.values()] if named else [as_adapters(adapters)]
+        self.modules = [combined_modules(s) for s in self.slots]
+        self.overrides = combined_overrides([a for s in self.slots for a in s])
+        raise_if(["modules_to_save / saved biases: expected none in a mixed-adapter batch, found "
+                  f"{sorted(self.overrides)[:4]}"] if named and self.overrides else [],
+                 ModelMismatchError, "cannot serve these adapters in one batch:")
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.names)
+
+    @property
+    def rank(self) -> int:
+        """The largest summed rank of any module in any slot."""
+        return max((sum(w.rank for w in ws) for mods in self.modules for ws in mods.values()), default=0)
+
+    def weights(self, slot: int, fqn: str) -> list[LoraWeights]:
+        return self.modules[slot].get(fqn, [])
+
+    def replace(self, adapters: Adapters) -> AdapterSet:
+        """The set after ``swap(adapters)``: all of it, or the named slots of a mixed set."""
+        if not self.mixed:
+            return AdapterSet(adapters)
+        if not isinstance(adapters, Mapping):
+            raise SwapError(f"swap: expected a mapping of slot names {self.names} to adapters, "
+                            f"found {type(adapters).__name__}")
+        unknown = [n for n in adapters if n not in self.names]
+        raise_if([f"{n}: no such slot (slots: {self.names})" for n in unknown], SwapError, "cannot swap:")
+        return AdapterSet({n: adapters.get(n, s) for n, s in zip(self.names, self.slots)})
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What the graphs compute at one module.
+
+    shape: (out, in) of the LoRA update; embeddings (dim, vocab). dtype: the adapter's, which the
+    branch computes in. dora / lora_bias: whether the graph has those terms.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    embedding: bool
+    dora: bool
+    lora_bias: bool
+
+    @staticmethod
+    def of(ws: list[LoraWeights]) -> ModuleSpec:
+        w = ws[0]
+        return ModuleSpec((w.lora_b.shape[0], w.lora_a.shape[1]), w.lora_a.dtype, w.embedding,
+                          any(x.magnitude is not None for x in ws), any(x.bias is not None for x in ws))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every graph is compiled for; fixed for the life of a backend."""
+
+    specs: dict[str, ModuleSpec]
+    rank: int
+    names: tuple[str, ...]
+    overrides: frozenset[str]
+
+    @staticmethod
+    def of(aset: AdapterSet, max_rank: int | None = None) -> Layout:
+        needed = aset.rank
+        if max_rank is not None and max_rank < needed:
+            raise SwapError(f"max_rank: expected at least the adapters' largest rank {needed}, found {max_rank}")
+        specs: dict[str, ModuleSpec] = {}
+        for mods in aset.modules:
+            for fqn, ws in mods.items():
+                specs.setdefault(fqn, ModuleSpec.of(ws))
+        return Layout(specs, max_rank or needed, tuple(aset.names), frozenset(aset.overrides))
+
+    @property
+    def slots(self) -> int:
+        return max(1, len(self.names))
+
+    def problems(self, aset: AdapterSet, mode: str) -> list[str]:
+        """Every way ``aset`` does not fit the compiled graphs (empty when it fits)."""
+        p: list[str] = []
+        if aset.rank > self.rank:
+            p.append(f"rank {aset.rank}: above the rank budget {self.rank}; pass max_rank={aset.rank} (or more) "
+                     "to lora_fx.backend")
+        for mods in aset.modules:
+            for fqn, ws in mods.items():
+                spec = self.specs.get(fqn)
+                if spec is None:
+                    p.append(f"{fqn}: not in the compiled graphs (a superset of the first adapter's modules); "
+                             "list it in the adapters the backend was built with")
+                    continue
+                new = ModuleSpec.of(ws)
+                if mode == "branch" and new.dora != spec.dora:
+                    p.append(f"{fqn}: DoRA and plain LoRA compile differently; expected "
+                             f"{'DoRA' if spec.dora else 'plain LoRA'} here")
+                if new.lora_bias and not spec.lora_bias:
+                    p.append(f"{fqn}: lora_bias needs a bias the compiled graph lacks; build the backend with it")
+                if new.embedding != spec.embedding:
+                    want, got = ("embedding", "linear") if spec.embedding else ("linear", "embedding")
+                    p.append(f"{fqn}: expected {want} LoRA tensors, found {got}")
+                if new.shape != spec.shape:
+                    p.append(f"{fqn}: expected LoRA for (out, in) = {spec.shape}, found {new.shape}")
+        p += [f"{path}: the new adapter replaces this tensor, the compiled graphs do not"
+              for path in sorted(set(aset.overrides) - self.overrides)]
+        return p
