@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import graph as g
 from .adapter import Adapter
 from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if
 from .inputs import DynamoInputs
@@ -89,27 +91,34 @@ def _static_fakes(tensors: tuple[torch.Tensor, ...], trainable: set[int]) -> lis
 
 # -- past dynamo's recompile limit, dynamo runs the plain Python code: the base model. A frame that
 # a lora_fx backend compiled must raise instead. Dynamo logs a warning just before it falls back,
-# inside the frame's compile context; this filter turns that warning into the error.
-_FRAMES: set[int] = set()
+# from inside its compile of that frame; this filter turns that warning into the error.
+_CODES: weakref.WeakSet = weakref.WeakSet()  # code objects a lora_fx backend compiled
 
 
 class RecompileLimitError(LoraFxError, RuntimeError):
     """Dynamo's recompile limit was reached for a frame that applies a LoRA adapter."""
 
 
+def _code_being_compiled() -> Any:
+    """The code object dynamo is compiling now (a local of its ``_compile``), from the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and frame.f_globals.get("__name__") == "torch._dynamo.convert_frame":
+            return frame.f_locals.get("code")
+        frame = frame.f_back
+    return None
+
+
 class _RecompileLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("torch._dynamo hit config."):
-            from torch._guards import CompileContext
-
-            cid = CompileContext.current_compile_id()
-            if cid is not None and cid.frame_id in _FRAMES:
-                limit = record.args[0] if record.args else "recompile_limit"
-                raise RecompileLimitError(
-                    f"{record.args[2] if len(record.args) > 2 else 'a compiled function'}: dynamo reached "
-                    f"torch._dynamo.config.{limit} and would run it without the adapter from now on; raise "
-                    f"torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the "
-                    "changing dimension dynamic (torch.compile(..., dynamic=True))")
+        if str(record.msg).startswith("torch._dynamo hit config.") and _code_being_compiled() in _CODES:
+            args = record.args if isinstance(record.args, tuple) else ()
+            limit = args[0] if args else "recompile_limit"
+            raise RecompileLimitError(
+                f"{args[2] if len(args) > 2 else 'a compiled function'}: dynamo reached "
+                f"torch._dynamo.config.{limit} and would run it without the adapter from now on; raise "
+                f"torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the "
+                "changing dimension dynamic (torch.compile(..., dynamic=True))")
         return True
 
 
@@ -120,11 +129,9 @@ def _watch_recompile_limit() -> None:
 
 
 def _register_frame() -> None:
-    from torch._guards import CompileContext
-
-    cid = CompileContext.current_compile_id()
-    if cid is not None:
-        _FRAMES.add(cid.frame_id)
+    code = _code_being_compiled()
+    if code is not None:
+        _CODES.add(code)
 
 
 def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
@@ -139,7 +146,7 @@ def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
         for m in (obj, getattr(obj, "_orig_mod", None)):
             if isinstance(m, torch.nn.Module) and id(m) not in seen:
                 seen.add(id(m))
-                names = {n for n, _ in m.named_modules()}
+                names = g.named(m.named_modules())
                 count = sum(f in names for f in fqns)
                 if count > best_count or (count == best_count and count and best is None):
                     best, best_count = m, count
@@ -203,7 +210,7 @@ class LoraBackend:
         return model
 
     def _check_model(self, model: torch.nn.Module) -> None:
-        names = {n for n, _ in model.named_modules()}
+        names = g.named(model.named_modules())
         raise_if([f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none; "
                   "the model has no module of that name" for fqn in self.state.layout.specs if fqn not in names],
                  GraphRewriteError, "cannot apply the adapter to this model:")

@@ -37,6 +37,12 @@ def normalize_path(path: str) -> str:
     return path.strip(".")
 
 
+def named(items: Any) -> dict[str, Any]:
+    """``named_modules`` / ``named_parameters`` items with torch.compile wrappers' ``_orig_mod.``
+    left out of the names, so a model whose submodule was compiled keeps the names an adapter uses."""
+    return {name.replace("_orig_mod.", "").removesuffix("._orig_mod"): v for name, v in items}
+
+
 def module_fqn(node: fx.Node) -> str | None:
     """The path of the module whose forward emitted ``node`` (None without module metadata)."""
     stack = node.meta.get("nn_module_stack")

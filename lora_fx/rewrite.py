@@ -73,7 +73,7 @@ def owners_of(model: torch.nn.Module) -> dict[tuple, list[str]]:
     """(weight storage address, shape) -> the fqns of the modules whose ``weight`` it is (tied
     weights have several), for attributing a graph's op to its module by the tensor it reads."""
     out: dict[tuple, list[str]] = {}
-    for fqn, mod in model.named_modules(remove_duplicate=False):
+    for fqn, mod in g.named(model.named_modules(remove_duplicate=False)).items():
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor):
             out.setdefault((w.data_ptr(), tuple(w.shape)), []).append(fqn)
@@ -176,9 +176,10 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         shape = {"linear": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f)}[s.kind]
         if tuple(w.shape) != shape:
             problems.append(f"{s.fqn}: expected weight shape {shape} for the adapter's A/B, found {tuple(w.shape)}")
-    params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
-    params.update(dict(model.named_buffers(remove_duplicate=False)) if model is not None else {})
+    params = {} if model is None else g.named([*model.named_parameters(remove_duplicate=False),
+                                               *model.named_buffers(remove_duplicate=False)])
     replacements: dict[fx.Node, fx.Node] = {}
+    substituted: list[str] = []
     feeder, derived = Feeder(inputs), []
     for path in sorted(state.layout.overrides):
         node = inputs.node_for_tensor(params[path]) if path in params else inputs.node_for_path(path)
@@ -193,10 +194,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             continue
         t, d = state.override_tensor(path, value)
         replacements[node] = feeder.node(None, f"{path}.lora_fx", t)
+        substituted.append(path)
         derived.append((d, (inputs.ref(node),)))
     raise_if(problems, GraphRewriteError, "cannot apply the adapter to this graph:")
     report = RewriteReport(state.mode)
-    report.substituted = sorted(inputs.paths.get(n, str(n)) for n in replacements)
+    report.substituted = substituted
     substitute_tensors(gm.graph, replacements)
 
     def nodes(s: g.Site) -> dict[str, fx.Node]:

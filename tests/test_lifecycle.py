@@ -1,0 +1,332 @@
+"""A model's whole life: training, disable, swap + recompile, the recompile limit, checkpointing,
+moved and edited weights, mixed batches, threads. Each scenario equals the eager reference (or
+PEFT), or raises a LoraFxError that says what to do."""
+
+import copy
+import threading
+
+import peft
+import pytest
+import torch
+from cases import Case, example_ids, logits, peft_adapter, tiny_model
+
+import lora_fx
+from lora_fx import LoraConfig, LoraFxError, SwapError
+from lora_fx.backend import RecompileLimitError
+from lora_fx.loading import random_adapter
+from lora_fx.state import StaleWeightError
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def adapter(model, targets=("q_proj", "v_proj"), seed=0, **kw):
+    return random_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **kw),
+                                          seed=seed)
+
+
+def reference(model, ad, ids, **kw):
+    with torch.no_grad():
+        return lora_fx.lora_forward(model, ad, input_ids=ids, **kw).logits
+
+
+def frozen(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("leave", ["disabled", "set_scale", "disable_enable"])
+def test_training_survives_disable_and_set_scale(leave):
+    model = frozen(tiny_model("llama"))
+    be = lora_fx.backend(lora_fx.init_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0),
+                         inner="aot_eager")
+    opt = torch.optim.SGD(be.parameters(), lr=0.5)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    for _ in range(3):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = be.trained_adapter()
+    assert sum(w.lora_b.abs().sum() for w in trained.modules.values()) > 0.1, "training moved B"
+    with torch.no_grad():
+        if leave == "disabled":
+            with be.disabled():  # a reference-model pass, as DPO / KL training does
+                torch.testing.assert_close(logits(compiled, ids), logits(model, ids), **TOL)
+        elif leave == "set_scale":
+            be.set_scale(0.5)
+            torch.testing.assert_close(logits(compiled, ids), reference(model, trained.scaled(0.5), ids), **TOL)
+            be.set_scale(1.0)
+        else:
+            be.disable()
+            be.enable()
+        got = logits(compiled, ids)
+    for fqn, w in be.trained_adapter().modules.items():
+        torch.testing.assert_close(w.lora_b, trained.modules[fqn].lora_b, atol=0, rtol=0)
+    torch.testing.assert_close(got, reference(model, trained, ids), **TOL)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_graph_compiled_while_a_subset_is_active_gets_every_module(mode):
+    model = tiny_model("llama")
+    full, subset = adapter(model, seed=1), adapter(model, targets=["q_proj"], seed=2)
+    be = lora_fx.backend(full, mode=mode, inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    short, long = example_ids(seq=5), example_ids(seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, short), reference(model, full, short), **TOL)
+        be.swap(subset)
+        torch.testing.assert_close(logits(compiled, long), reference(model, subset, long), **TOL)  # a new graph
+        be.swap(full)
+        assert (reference(model, full, long) - reference(model, subset, long)).abs().max() > 1e-2
+        torch.testing.assert_close(logits(compiled, long), reference(model, full, long), **TOL)
+        torch.testing.assert_close(logits(compiled, short), reference(model, full, short), **TOL)
+
+
+def test_past_the_recompile_limit_is_an_error_not_the_base_model():
+    model = tiny_model("llama")
+    ad = adapter(model)
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, inner="eager"), dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+        for seq in (3, 4):
+            ids = example_ids(seq=seq)
+            torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
+        with pytest.raises(RecompileLimitError, match="recompile_limit"):
+            compiled(input_ids=example_ids(seq=5))
+        ids = example_ids(seq=3)  # compiled shapes still run
+        torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
+
+
+def test_other_compiled_functions_keep_dynamos_fallback():
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        for n in (1, 2, 3):
+            assert f(torch.ones(n)).sum() == 2 * n
+
+
+def test_gradient_checkpointing_training_step_matches_peft(tmp_path):
+    case = Case("ckpt", "llama", dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
+    base, pm = peft_adapter(case, str(tmp_path))
+    for m in (base, pm):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    ids = example_ids(seq=6)
+    pm_loss = pm(input_ids=ids, labels=ids).loss
+    pm_loss.backward()
+    hops = []
+
+    def inner(gm, example_inputs):
+        hops.extend(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.tag_activation_checkpoint)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), inner=inner)
+    params = be.named_parameters()
+    compiled = torch.compile(frozen(base), backend=be)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(hops) == 2, "each layer is a checkpointed subgraph"
+    assert be.unseen_modules() == []
+    torch.testing.assert_close(loss, pm_loss, atol=1e-5, rtol=1e-5)
+    peft_mods = dict(pm.base_model.model.named_modules())
+    for fqn, t in params.items():
+        emb = fqn.endswith("embed_tokens")
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        a_want = getattr(peft_mods[fqn], a_name)["default"]
+        b_want = getattr(peft_mods[fqn], b_name)["default"]
+        a_want, b_want = (a_want.grad, b_want.grad) if emb else (a_want.weight.grad, b_want.weight.grad)
+        a_got = t["lora_a"].grad.T if emb else t["lora_a"].grad
+        torch.testing.assert_close(a_got, a_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t["lora_b"].grad, b_want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_graph_breaks_rewrite_each_graph(mode):
+    model = tiny_model("llama")
+    layer = model.model.layers[1]
+    forward = layer.forward
+
+    def broken(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(*args, **kwargs)
+
+    layer.forward = broken
+    ad = adapter(model, targets=["q_proj", "v_proj", "lm_head"])
+    be = lora_fx.backend(ad, mode=mode, inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        got = logits(compiled, ids)
+    assert len(be.reports) > 1, "the graph break gave several graphs"
+    assert be.unseen_modules() == []
+    torch.testing.assert_close(got, reference(model, ad, ids), **TOL)
+
+
+def test_unseen_modules_names_what_ran_outside_the_compiled_graphs():
+    model = tiny_model("llama")
+    ad = adapter(model)
+    be = lora_fx.backend(ad, inner="aot_eager")
+    model.model.layers[0] = torch.compile(model.model.layers[0], backend=be)  # only layer 0 compiled
+    with torch.no_grad():
+        model(input_ids=example_ids())
+    assert be.unseen_modules() == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_model_to_another_dtype_after_compiling(mode):
+    model = tiny_model("llama")
+    ad = adapter(model, use_dora=True)
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    ids = example_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
+        model.to(torch.float64)
+        got = logits(compiled, ids)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, reference(model, ad, ids), **TOL)
+        model.to(torch.float32)  # back: the first graph runs again, with what it reads intact
+        torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+@pytest.mark.parametrize("edit", ["load_state_dict", "optimizer_step", "in_place"])
+def test_base_weight_edited_after_compiling(mode, edit):
+    model = tiny_model("llama")
+    ad = adapter(model, targets=["q_proj", "v_proj", "down_proj"], use_dora=mode == "branch")
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    ids = example_ids()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    if edit == "load_state_dict":
+        model.load_state_dict(tiny_model("llama", seed=5).state_dict())
+    elif edit == "optimizer_step":
+        q.grad = torch.randn_like(q)
+        torch.optim.SGD([q], lr=1.0).step()
+    else:
+        with torch.no_grad():
+            q.mul_(3.0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
+
+
+def test_fold_in_place_refuses_a_weight_changed_behind_it():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ad = adapter(model)
+    be = lora_fx.backend(ad, mode="fold", inner="aot_eager", inplace=True)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+        with pytest.raises(StaleWeightError, match="model.layers.0.self_attn.q_proj") as e:
+            compiled(input_ids=ids)
+        assert "be.restore()" in str(e.value)
+        with pytest.raises(StaleWeightError):
+            be.set_scale(0.5)
+        be.restore()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)  # a base edit while not merged is the new base
+        be.enable()
+        torch.testing.assert_close(logits(compiled, ids), reference_after_restore(model, ad, ids, be), **TOL)
+
+
+def reference_after_restore(model, ad, ids, be):
+    be.restore()
+    try:
+        return reference(model, ad, ids)
+    finally:
+        be.enable()
+
+
+def test_mixed_batch_size_not_a_multiple_of_the_selection_is_an_error():
+    model = tiny_model("llama")
+    ads = {"a": adapter(model, seed=1), "b": adapter(model, seed=2)}
+    be = lora_fx.backend(ads, inner="aot_eager")
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    with torch.no_grad():
+        be.select(["a", "b"])
+        compiled(input_ids=example_ids(batch=4))  # two beams per row: fine
+        with pytest.raises(SwapError, match="multiple of the 2 selected rows.*found 3"):
+            compiled(input_ids=example_ids(batch=3))
+
+
+def test_swap_from_another_thread_waits_for_the_running_graph():
+    model = tiny_model("llama")
+    first, second = adapter(model, seed=1), adapter(model, seed=2)
+    be = lora_fx.backend(first, inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        want = {id(first): reference(model, first, ids), id(second): reference(model, second, ids)}
+        stop, errors = threading.Event(), []
+
+        def swapper():
+            while not stop.is_set():
+                for ad in (second, first):
+                    be.swap(ad)
+
+        t = threading.Thread(target=swapper)
+        t.start()
+        try:
+            for _ in range(20):
+                with be.lock:  # the forward and the check see one adapter
+                    got = logits(compiled, ids)
+                    active = be.state.adapters.slots[0][0]
+                errors += [] if torch.allclose(got, want[id(active)], **TOL) else [id(active)]
+        finally:
+            stop.set()
+            t.join()
+    assert not errors
+
+
+def test_inference_builds_no_autograd_graph_for_the_adapter():
+    model = frozen(tiny_model("llama"))
+    be = lora_fx.backend(adapter(model), inner="aot_eager")
+    out = torch.compile(model, backend=be)(input_ids=example_ids()).logits
+    assert not out.requires_grad
+    assert all(not p.requires_grad for t in be.state.trainable.values() for p in t.values())
+
+
+def test_gradients_reach_a_graph_compiled_before_training_started():
+    model = frozen(tiny_model("llama"))
+    be = lora_fx.backend(adapter(model), inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    compiled(input_ids=ids, labels=ids)  # compiled with A / B not requiring grad
+    params = be.parameters()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_model_lacking_a_module_is_an_error_naming_it():
+    model = tiny_model("llama")
+    ad = adapter(model)
+    ad.modules["model.layers.7.self_attn.q_proj"] = ad.modules["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(LoraFxError, match="model.layers.7.self_attn.q_proj"):
+        lora_fx.backend(ad).attach(model)
+
+
+def test_peft_disable_adapter_after_training_matches(tmp_path):
+    """The trained adapter, saved and loaded by PEFT, gives the compiled model's logits."""
+    model = frozen(tiny_model("llama"))
+    be = lora_fx.backend(lora_fx.init_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), seed=0),
+                         inner="aot_eager")
+    opt = torch.optim.SGD(be.parameters(), lr=0.5)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    for _ in range(2):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with be.disabled(), torch.no_grad():
+            compiled(input_ids=ids)
+    be.trained_adapter().save(tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_model("llama")), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
