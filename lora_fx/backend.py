@@ -323,21 +323,32 @@ class LoraBackend:
 
 
 def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any) -> Callable:
-    """The function dynamo calls for one graph: bring what it reads up to date, then run it."""
+    """The function dynamo calls for one graph: bring what it reads up to date, then run it.
+
+    ``extra`` are the tensors appended to every call; those that belong to a derived set are
+    looked up again whenever a set was recomputed (into new tensors), the rest (A, B, the
+    selection) are passed as they are.
+    """
+    owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
+    slots = [owner.get(id(t), (None, t)) for t in extra]
     watched = [(d, refs) for d, refs in derived if d.watch or state.inplace]
-    generation = [-1]
+    seen = [-1, -1]  # the state's generation and changes when ``current`` was built
+    current = [extra]
     device = state.device
 
     def run(*args: Any) -> Any:
         with state.lock:
-            for d, refs in derived if generation[0] != state.generation else watched:
+            stale = seen[0] != state.generation
+            for d, refs in derived if stale else watched:
                 state.check(d, resolve(refs, args))
-            generation[0] = state.generation
+            if stale or seen[1] != state.changes:
+                current[0] = tuple(t if d is None else d.tensors[t] for d, t in slots)
+                seen[0], seen[1] = state.generation, state.changes
             if device is not None and state.device != device:  # the model moved back and forth
                 state.place(device)
             if batch is not None and state.selection is not None:
                 _check_batch(batch, args, state.selection.count)
-            return compiled(*args, *extra)
+            return compiled(*args, *current[0])
 
     return run
 

@@ -51,8 +51,10 @@ class Derived:
     depend on them (fold, DoRA, substitutes), so edits to them must be noticed.
     """
 
-    def __init__(self, key: str, kind: str, tensors: dict[str, torch.Tensor], base: tuple, watch: bool):
+    def __init__(self, key: str, kind: str, tensors: dict[str, torch.Tensor], base: tuple, watch: bool,
+                 also: tuple = ()):
         self.key, self.kind, self.tensors, self.base, self.watch = key, kind, tensors, base, watch
+        self.also = also  # more tensors its values come from (DoRA: the current A and B)
         self.generation = -1  # the settings generation its values belong to; -1: never computed
         self.stamp: tuple = ()
         self.merged = False  # in-place fold: the model's weight holds the merge
@@ -133,7 +135,8 @@ class LoraState:
                             "(one folded weight cannot hold several adapters)")
         self.layout = Layout.of(self.adapters, max_rank)
         self.multiplier, self.enabled = 1.0, True
-        self.generation = 0
+        self.generation = 0  # settings and adapters: bumped by every update
+        self.changes = 0  # bumped whenever a derived set gets new tensors
         self.lock = threading.RLock()
         self.selection = Selection(self.adapters.names) if self.adapters.mixed else None
         self.derived: dict[tuple, Derived] = {}
@@ -228,8 +231,9 @@ class LoraState:
         key = (fqn,) if self.inplace else (fqn, weight.dtype, weight.device)
         d = self.derived.get(key)
         if d is None:
+            also = tuple(self.trainable[fqn].values()) if self.mode == "branch" and spec.dora else ()
             d = Derived(fqn, kind, self._allocate(spec, weight, bias), (weight, bias),
-                        watch=self.mode == "fold" or spec.dora)
+                        watch=self.mode == "fold" or spec.dora, also=also)
             self.derived[key] = d
             if not self.inplace:  # in place: merged at the first call, never in the middle of a compile
                 self.refresh(d, (weight, bias))
@@ -271,7 +275,12 @@ class LoraState:
         return self.multiplier if self.enabled else 0.0
 
     def refresh(self, d: Derived, base: tuple) -> None:
-        """Recompute ``d`` from the settings and ``base`` (the tensors the current call reads), in place."""
+        """Recompute ``d`` from the settings and ``base`` (the tensors the current call reads).
+
+        The values go into new tensors: a graph run earlier may have saved the old ones for its
+        backward (a reference pass under ``disabled()`` between a forward and its backward)."""
+        d.tensors = {role: torch.empty_like(t) for role, t in d.tensors.items()}
+        self.changes += 1
         with torch.no_grad():
             if d.kind == "override":
                 src = self.adapters.overrides.get(d.key) if self._multiplier else None
@@ -283,7 +292,7 @@ class LoraState:
             else:
                 self._refresh_branch(d, *base)
         d.generation = self.generation
-        d.stamp = stamp(d.base if self.inplace else base)
+        d.stamp = stamp(d.base if self.inplace else (*base, *d.also))
 
     def _refresh_fold(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         m = self._multiplier
@@ -344,7 +353,7 @@ class LoraState:
             self._check_in_place([d])
             if d.generation != self.generation:
                 self.refresh(d, base)
-        elif d.generation != self.generation or (d.watch and stamp(base) != d.stamp):
+        elif d.generation != self.generation or (d.watch and stamp((*base, *d.also)) != d.stamp):
             self.refresh(d, base)
 
     def _check_in_place(self, ds: Sequence[Derived]) -> None:

@@ -12,6 +12,11 @@ import torch
 VOCAB = 64
 
 
+def examples(n: int) -> int:
+    """A property test's example count: ``n`` in CI, 25x with HYPOTHESIS_PROFILE=thorough."""
+    return n * 25 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else n
+
+
 def tiny_model(arch: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A small random-weight transformers model of architecture ``arch``, in eval mode."""
     import transformers as tf

@@ -7,8 +7,11 @@ from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# CI: derandomized, few examples. Before a stop: HYPOTHESIS_PROFILE=thorough python -m pytest -q
+# (random, 25x the examples of each property and stateful test: hundreds for the cheap ones).
 settings.register_profile("lora_fx", deadline=None, derandomize=True, print_blob=True)
-settings.load_profile("lora_fx")
+settings.register_profile("thorough", deadline=None, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lora_fx"))
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ moved and edited weights, mixed batches, threads. Each scenario equals the eager
 PEFT), or raises a LoraFxError that says what to do."""
 
 import copy
+import dataclasses
 import threading
 
 import peft
@@ -330,3 +331,28 @@ def test_peft_disable_adapter_after_training_matches(tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_model("llama")), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+
+
+def test_reference_pass_between_forward_and_backward_keeps_the_gradients():
+    """DPO / KL: policy forward, reference forward under disabled(), then one backward."""
+    model = frozen(tiny_model("llama"))
+    ad = adapter(model, use_dora=True)
+    be = lora_fx.backend(ad, inner="aot_eager")
+    params = be.named_parameters()
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    loss = compiled(input_ids=ids, labels=ids).loss
+    with be.disabled(), torch.no_grad():
+        ref_loss = compiled(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(ref_loss, model(input_ids=ids, labels=ids).loss, **TOL)
+    (loss - ref_loss).backward()
+    # the same gradients through the eager reference with A / B as leaves
+    leaves = {fqn: (w.lora_a.clone().requires_grad_(True), w.lora_b.clone().requires_grad_(True))
+              for fqn, w in ad.modules.items()}
+    live = copy.copy(ad)
+    live.modules = {fqn: dataclasses.replace(w, lora_a=leaves[fqn][0], lora_b=leaves[fqn][1])
+                    for fqn, w in ad.modules.items()}
+    lora_fx.lora_forward(model, live, input_ids=ids, labels=ids).loss.backward()
+    for fqn, (a, b) in leaves.items():
+        torch.testing.assert_close(params[fqn]["lora_a"].grad, a.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(params[fqn]["lora_b"].grad, b.grad, atol=1e-5, rtol=1e-5)

@@ -2,15 +2,45 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from cases import examples
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lora_fx
 from lora_fx import GraphRewriteError, LoraConfig, RewriteConfig, testing
 
-SETTINGS = dict(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = dict(max_examples=examples(12), deadline=None, suppress_health_check=list(HealthCheck))
 modes = st.sampled_from(["branch", "fold"])
 fuse = st.sampled_from([0, 1024])  # branch: GEMM calls, or fused reductions (static token count <= fuse_tokens)
+
+
+def feature_case(seed=0, bias=True, conv1d=True, **config):
+    """A TinyNet with one attention + MLP block and an adapter with ``config``: the features every
+    property test must reach, whatever hypothesis draws."""
+    torch.manual_seed(seed)
+    model = testing.TinyNet(12, 8, 16, 5, [dict(bias=bias, conv1d=conv1d, attention=True)]).eval()
+    cfg = LoraConfig(r=config.pop("r", 3), lora_alpha=6, **config)
+    ids = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(seed))
+    return testing.Case(model, testing.random_adapter(model, cfg, seed=seed), ids)
+
+
+FEATURES = {  # name -> case; each is an @example of every property test below
+    "dora_conv1d": feature_case(target_modules=["up", "q_proj"], use_dora=True),
+    "lora_bias_no_base_bias": feature_case(bias=False, conv1d=False, target_modules=["up", "down"], lora_bias=True),
+    "lora_bias_base_bias": feature_case(target_modules=["up", "v_proj"], lora_bias=True),
+    "embedding_patterns": feature_case(target_modules=["embed", "k_proj", "down"], rank_pattern={"k_proj": 5},
+                                       alpha_pattern={"down": 2.0}, use_rslora=True),
+}
+
+
+def with_features(*extra):
+    """Decorate a property test with one @example per feature case (and ``extra`` arguments)."""
+    def wrap(test):
+        for case in FEATURES.values():
+            for args in extra or [()]:
+                test = example(case, *args)(test)
+        return test
+    return wrap
 
 
 def reference(case):
@@ -28,6 +58,7 @@ def assert_matches(got, want):
 
 @settings(**SETTINGS)
 @given(testing.models_and_adapters(), modes)
+@with_features(("branch",), ("fold",))
 def test_symbolic_trace_graph_equals_reference(case, mode):
     with torch.no_grad():
         plain = case.model(case.ids)
@@ -41,6 +72,7 @@ def test_symbolic_trace_graph_equals_reference(case, mode):
 
 @settings(**SETTINGS)
 @given(testing.models_and_adapters(), modes, fuse)
+@with_features(("branch", 0), ("branch", 1024), ("fold", 0))
 def test_export_module_graph_equals_reference(case, mode, fuse_tokens):
     gm = torch.export.export(case.model, (case.ids,)).module()
     lora_fx.rewrite(gm, RewriteConfig(case.adapter, mode=mode, fuse_tokens=fuse_tokens))
@@ -48,7 +80,7 @@ def test_export_module_graph_equals_reference(case, mode, fuse_tokens):
         assert_matches(gm(case.ids), reference(case))
 
 
-@settings(**{**SETTINGS, "max_examples": 8})
+@settings(**{**SETTINGS, "max_examples": examples(8)})
 @given(testing.models_and_adapters(), modes, fuse)
 def test_exported_program_carries_new_tensors(case, mode, fuse_tokens):
     ep = torch.export.export(case.model, (case.ids,))
@@ -63,6 +95,7 @@ def test_exported_program_carries_new_tensors(case, mode, fuse_tokens):
 
 @settings(**SETTINGS)
 @given(testing.models_and_adapters(), modes, fuse)
+@with_features(("branch", 0), ("branch", 1024), ("fold", 0))
 def test_dynamo_graph_equals_reference(case, mode, fuse_tokens):
     torch._dynamo.reset()
     be = lora_fx.backend(case.adapter, mode=mode, inner="aot_eager", fuse_tokens=fuse_tokens)
@@ -73,8 +106,11 @@ def test_dynamo_graph_equals_reference(case, mode, fuse_tokens):
 
 
 @pytest.mark.inductor
-@settings(**{**SETTINGS, "max_examples": 3})
+@settings(**{**SETTINGS, "max_examples": examples(3)})
 @given(testing.models_and_adapters(), modes, st.sampled_from([0, None]))
+@example(FEATURES["dora_conv1d"], "branch", None)  # fused form under Inductor
+@example(FEATURES["lora_bias_no_base_bias"], "branch", 0)  # GEMM form
+@example(FEATURES["embedding_patterns"], "branch", None)
 def test_dynamo_inductor_equals_reference(case, mode, fuse_tokens):
     torch._dynamo.reset()
     be = lora_fx.backend(case.adapter, mode=mode, fuse_tokens=fuse_tokens)  # None: Inductor's default, 16
