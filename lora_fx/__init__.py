@@ -9,6 +9,8 @@ from .errors import (
     GraphRewriteError,
     LoraFxError,
     ModelMismatchError,
+    RecompileLimitError,
+    StaleWeightError,
     SwapError,
 )
 from .loading import init_adapter, load_adapter
@@ -25,8 +27,10 @@ __all__ = [
     "LoraFxError",
     "LoraWeights",
     "ModelMismatchError",
+    "RecompileLimitError",
     "RewriteConfig",
     "RewriteReport",
+    "StaleWeightError",
     "SwapError",
     "apply_lora",
     "backend",

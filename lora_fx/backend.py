@@ -3,16 +3,14 @@
     compiled = torch.compile(model, backend=lora_fx.backend(adapter, mode="branch"))
 
 Dynamo calls the backend once per graph (prefill, decode, each recompile). The backend copies the
-graph (dynamo reads its own after we return), adds the adapter's tensors as extra placeholders,
-compiles with the inner backend and returns a function that appends those tensors to every call.
-The tensors are shared by all graphs, so swapping adapters is an in-place copy, never a recompile.
+graph (dynamo reads its own after we return), rewrites it for every module the backend was built
+for, adds the adapter's tensors as extra placeholders, compiles with the inner backend and returns
+a function that brings those tensors up to date (``LoraState.check``) and appends them to every
+call. Swapping, scaling and disabling change the state, never a graph: no recompile.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +20,14 @@ from torch import fx
 
 from . import graph as g
 from .adapter import Adapter
-from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if
+from .dynamo import (
+    copy_dynamo_graph,
+    find_model,
+    register_frame,
+    static_fakes,
+    watch_recompile_limit,
+)
+from .errors import GraphRewriteError, SwapError, raise_if
 from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, rewrite_graph
 from .slots import Adapters
@@ -43,115 +48,6 @@ def _inner_backend(inner: str | Callable) -> Callable:
     from torch._dynamo import lookup_backend
 
     return lookup_backend(inner)
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, value_map))
-    new_gm = fx.GraphModule(gm, graph)
-    for name, child in gm.named_children():  # higher-order-op bodies: copied too, passes change them
-        if isinstance(child, fx.GraphModule):
-            setattr(new_gm, name, _copy_graph_module(child)[0])
-    return new_gm, value_map
-
-
-def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of dynamo's GraphModule (and its subgraphs) that can be changed without touching dynamo's own."""
-    new_gm, value_map = _copy_graph_module(gm)
-    for old, new in value_map.items():
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
-    new_gm.meta = dict(gm.meta)
-    for attr in ("_param_name_to_source",):
-        if hasattr(gm, attr):
-            setattr(new_gm, attr, getattr(gm, attr))
-    return new_gm
-
-
-def _static_fakes(tensors: tuple[torch.Tensor, ...], trainable: set[int]) -> list[torch.Tensor]:
-    """Our tensors as fake tensors of static shape in the backend's fake mode.
-
-    Real tensors that dynamo did not see would be fakified by AOTAutograd with fresh symbolic
-    sizes that have no source, and dynamo then fails to build its shape guards. With gradients
-    on, A and B are traced as requiring grad whatever they are now, so a graph compiled before
-    training starts still gives them gradients (dynamo does not guard on tensors it did not see).
-    """
-    from torch._guards import TracingContext
-
-    ctx = TracingContext.try_get()
-    mode = getattr(ctx, "fake_mode", None)
-    if mode is None:
-        return list(tensors)
-    grad = torch.is_grad_enabled()
-    fakes = [mode.from_tensor(t, static_shapes=True) for t in tensors]
-    return [f.requires_grad_(True) if grad and id(t) in trainable and not f.requires_grad else f
-            for f, t in zip(fakes, tensors)]
-
-
-# -- past dynamo's recompile limit, dynamo runs the plain Python code: the base model. A frame that
-# a lora_fx backend compiled must raise instead. Dynamo logs a warning just before it falls back,
-# from inside its compile of that frame; this filter turns that warning into the error.
-_CODES: weakref.WeakSet = weakref.WeakSet()  # code objects a lora_fx backend compiled
-
-
-class RecompileLimitError(LoraFxError, RuntimeError):
-    """Dynamo's recompile limit was reached for a frame that applies a LoRA adapter."""
-
-
-def _code_being_compiled() -> Any:
-    """The code object dynamo is compiling now (a local of its ``_compile``), from the stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_compile" and frame.f_globals.get("__name__") == "torch._dynamo.convert_frame":
-            return frame.f_locals.get("code")
-        frame = frame.f_back
-    return None
-
-
-class _RecompileLimitFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("torch._dynamo hit config.") and _code_being_compiled() in _CODES:
-            args = record.args if isinstance(record.args, tuple) else ()
-            limit = args[0] if args else "recompile_limit"
-            raise RecompileLimitError(
-                f"{args[2] if len(args) > 2 else 'a compiled function'}: dynamo reached "
-                f"torch._dynamo.config.{limit} and would run it without the adapter from now on; raise "
-                f"torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the "
-                "changing dimension dynamic (torch.compile(..., dynamic=True))")
-        return True
-
-
-def _watch_recompile_limit() -> None:
-    log = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(isinstance(f, _RecompileLimitFilter) for f in log.filters):
-        log.addFilter(_RecompileLimitFilter())
-
-
-def _register_frame() -> None:
-    code = _code_being_compiled()
-    if code is not None:
-        _CODES.add(code)
-
-
-def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
-    """The model the adapter names, from the Python stack of the frame being compiled: the module
-    (``self`` of a caller, or a compiled wrapper's ``_orig_mod``) whose module names cover most of
-    ``fqns``. Dynamo compiles a frame when it is entered, so its callers are on the stack."""
-    best, best_count = None, 0
-    frame = sys._getframe(1)
-    seen: set[int] = set()
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        for m in (obj, getattr(obj, "_orig_mod", None)):
-            if isinstance(m, torch.nn.Module) and id(m) not in seen:
-                seen.add(id(m))
-                names = g.named(m.named_modules())
-                count = sum(f in names for f in fqns)
-                if count > best_count or (count == best_count and count and best is None):
-                    best, best_count = m, count
-        frame = frame.f_back
-    return best
 
 
 class LoraBackend:
@@ -197,7 +93,7 @@ class LoraBackend:
         self.reports: list[RewriteReport] = []
         self.model: torch.nn.Module | None = None
         self._seen: set[str] = set()
-        _watch_recompile_limit()
+        watch_recompile_limit()
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Name the model the adapter applies to (found from the call stack otherwise).
@@ -216,7 +112,7 @@ class LoraBackend:
                  GraphRewriteError, "cannot apply the adapter to this model:")
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        _register_frame()
+        register_frame()
         gm = copy_dynamo_graph(gm)
         inputs = DynamoInputs(gm, example_inputs)
         model = self.model or find_model(list(self.state.layout.specs))
@@ -229,7 +125,7 @@ class LoraBackend:
         self._seen |= set(done.report.modules) | set(done.report.substituted)
         extra = tuple(inputs.extra)
         trainable = {id(p) for t in state.trainable.values() for p in t.values()}
-        compiled = self.inner(gm, [*example_inputs, *_static_fakes(extra, trainable)])
+        compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
         return _bind(compiled, extra, state, done.derived, done.batch)
 
     def unseen_modules(self) -> list[str]:

@@ -36,6 +36,15 @@ class SwapError(LoraFxError, ValueError):
     """A swap, selection or scale change that the compiled graph cannot take without recompiling."""
 
 
+class StaleWeightError(LoraFxError, RuntimeError):
+    """A weight that holds an in-place fold was changed behind lora_fx's back."""
+
+
+class RecompileLimitError(LoraFxError, RuntimeError):
+    """Dynamo's recompile limit was reached for a frame that applies a LoRA adapter (dynamo would
+    run it without the adapter from then on)."""
+
+
 def raise_if(problems: list[str], error: type[LoraFxError], header: str) -> None:
     """Raise ``error`` listing every problem, if there are any."""
     if problems:

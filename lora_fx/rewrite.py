@@ -1,8 +1,8 @@
 """rewrite(): apply adapters to a GraphModule or ExportedProgram; the driver the backend shares.
 
-One pass over the graph collects the sites (linear / Conv1D / embedding ops with their module),
-checks every adapter module is found exactly where expected, then runs the passes: substitute
-(modules_to_save, biases), then branch or fold.
+One walk over the graph and its higher-order-op bodies collects the sites (linear / Conv1D /
+embedding ops with their module), checks them against the layout the state was built for, then
+runs the passes: substitute (modules_to_save, biases), then branch, mixed or fold.
 """
 
 from __future__ import annotations

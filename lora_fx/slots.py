@@ -18,6 +18,7 @@ from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combin
 from .errors import ModelMismatchError, SwapError, raise_if
 
 Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]]
+MAX_ROWS = 4096
 
 
 class AdapterSet:
@@ -135,3 +136,27 @@ class Layout:
         p += [f"{path}: the new adapter replaces this tensor, the compiled graphs do not"
               for path in sorted(set(aset.overrides) - self.overrides)]
         return p
+
+
+class Selection:
+    """Mixed batches: the slot of each selected row (``index``) and how many rows (``count``)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.index = torch.zeros(MAX_ROWS, dtype=torch.long)
+        self.rows = torch.ones((), dtype=torch.long)
+        self.count = 1
+
+    def select(self, rows: Sequence[str | None]) -> None:
+        unknown = sorted({r for r in rows if r is not None and r not in self.names})
+        problems = [f"{r!r}: no such adapter (known: {self.names}, or None for the base model)" for r in unknown]
+        if not 0 < len(rows) <= MAX_ROWS:
+            problems.append(f"rows: expected 1 to {MAX_ROWS} names, found {len(rows)}")
+        raise_if(problems, SwapError, "cannot select:")
+        slot = {name: i + 1 for i, name in enumerate(self.names)}
+        self.index[: len(rows)] = torch.tensor([slot[r] if r is not None else 0 for r in rows])
+        self.rows.fill_(len(rows))
+        self.count = len(rows)
+
+    def to(self, device: torch.device) -> None:
+        self.index, self.rows = self.index.to(device), self.rows.to(device)

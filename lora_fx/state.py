@@ -27,15 +27,10 @@ from typing import Any
 import torch
 
 from .adapter import Adapter
-from .errors import LoraFxError, SwapError, raise_if
-from .slots import Adapters, AdapterSet, Layout, ModuleSpec
+from .errors import StaleWeightError, SwapError, raise_if
+from .originals import OriginalStore
+from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
 from .tensors import IDENTITY, as_out_in, dora_coefficients, fold_tensors, lora_bias, padded_ab, rank_scale
-
-MAX_ROWS = 4096
-
-
-class StaleWeightError(LoraFxError, RuntimeError):
-    """A weight that holds an in-place fold was changed behind lora_fx's back."""
 
 
 def stamp(tensors: Sequence[torch.Tensor | None]) -> tuple:
@@ -59,58 +54,6 @@ class Derived:
         self.stamp: tuple = ()
         self.merged = False  # in-place fold: the model's weight holds the merge
         self.saved: tuple | None = None  # in-place fold: stamp of the weight when its original was saved
-
-
-class Selection:
-    """Mixed batches: the slot of each selected row (``index``) and how many rows (``count``)."""
-
-    def __init__(self, names: Sequence[str]):
-        self.names = list(names)
-        self.index = torch.zeros(MAX_ROWS, dtype=torch.long)
-        self.rows = torch.ones((), dtype=torch.long)
-        self.count = 1
-
-    def select(self, rows: Sequence[str | None]) -> None:
-        unknown = sorted({r for r in rows if r is not None and r not in self.names})
-        problems = [f"{r!r}: no such adapter (known: {self.names}, or None for the base model)" for r in unknown]
-        if not 0 < len(rows) <= MAX_ROWS:
-            problems.append(f"rows: expected 1 to {MAX_ROWS} names, found {len(rows)}")
-        raise_if(problems, SwapError, "cannot select:")
-        slot = {name: i + 1 for i, name in enumerate(self.names)}
-        self.index[: len(rows)] = torch.tensor([slot[r] if r is not None else 0 for r in rows])
-        self.rows.fill_(len(rows))
-        self.count = len(rows)
-
-    def to(self, device: torch.device) -> None:
-        self.index, self.rows = self.index.to(device), self.rows.to(device)
-
-
-class OriginalStore:
-    """Exact copies of weights that in-place folding overwrites, kept on disk (not in memory)."""
-
-    def __init__(self):
-        import tempfile
-
-        self._dir = tempfile.TemporaryDirectory(prefix="lora_fx_originals_")
-
-    def _path(self, key: str) -> str:
-        import os
-
-        return os.path.join(self._dir.name, key + ".safetensors")
-
-    def save(self, key: str, tensors: Sequence[torch.Tensor | None]) -> None:
-        from safetensors.torch import save_file
-
-        save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors) if t is not None},
-                  self._path(key))
-
-    def restore(self, key: str, tensors: Sequence[torch.Tensor | None]) -> None:
-        from safetensors import safe_open
-
-        with safe_open(self._path(key), framework="pt") as f:
-            for i, t in enumerate(tensors):
-                if t is not None:
-                    t.copy_(f.get_tensor(str(i)))
 
 
 class LoraState:

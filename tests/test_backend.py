@@ -23,12 +23,13 @@ def test_compiled_matches_peft(tmp_path, case, mode):
     be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode)
     compiled = torch.compile(base, backend=be, fullgraph=True)
     with torch.no_grad():
-        # 14 static tokens: branch's fused form (<= fuse_tokens); 48 tokens, dynamic: its GEMM form
-        for ids in (example_ids(), example_ids(seq=24, seed=1)):
+        # 14 static tokens: branch's fused form (<= fuse_tokens); 48 tokens, dynamic: its GEMM form.
+        # Fold's graph has one form (the base op reading W'): one length.
+        for ids in (example_ids(), example_ids(seq=24, seed=1))[: 2 if mode == "branch" else 1]:
             want = logits(pm, ids)
             assert (want - logits(base, ids)).abs().max() > 1e-3, "the adapter must change the outputs"
             torch.testing.assert_close(logits(compiled, ids), want, **TOL)
-    assert len(be.reports) == 2
+    assert len(be.reports) == (2 if mode == "branch" else 1)
     assert all(len(r.modules) == len(lora_fx.load_adapter(tmp_path).modules) for r in be.reports)
 
 

@@ -12,10 +12,8 @@ import torch
 from cases import Case, example_ids, logits, peft_adapter, tiny_model
 
 import lora_fx
-from lora_fx import LoraConfig, LoraFxError, SwapError
-from lora_fx.backend import RecompileLimitError
+from lora_fx import LoraConfig, LoraFxError, RecompileLimitError, StaleWeightError, SwapError
 from lora_fx.loading import random_adapter
-from lora_fx.state import StaleWeightError
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

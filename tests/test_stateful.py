@@ -169,15 +169,15 @@ class DoraBranchLifecycle(Lifecycle):
     dora = True
 
 
-def as_test(machine):
+def as_test(machine, examples=None):
     test = machine.TestCase
-    test.settings = STATEFUL
+    test.settings = STATEFUL if examples is None else settings(STATEFUL, max_examples=examples)
     return test
 
 
 TestBranchLifecycle = as_test(Lifecycle)
-TestFoldLifecycle = as_test(FoldLifecycle)
-TestFoldInPlaceLifecycle = as_test(FoldInPlaceLifecycle)
+TestFoldLifecycle = as_test(FoldLifecycle, examples(3))
+TestFoldInPlaceLifecycle = as_test(FoldInPlaceLifecycle, examples(3))
 TestDoraBranchLifecycle = as_test(DoraBranchLifecycle)
 
 
@@ -244,4 +244,4 @@ class MixedLifecycle(RuleBasedStateMachine):
         torch._dynamo.reset()
 
 
-TestMixedLifecycle = as_test(MixedLifecycle)
+TestMixedLifecycle = as_test(MixedLifecycle, examples(3))
