@@ -67,6 +67,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.opt = torch.optim.SGD(self.be.parameters(), lr=0.5) if self.mode == "branch" else None
         self.compiled = torch.compile(self.model, backend=self.be)
         self.ids = example_ids(seq=5)
+        if self.mode == "branch":  # start mid-training: every later step must keep the trained A / B
+            self.train_step()
 
     def expected(self):
         with torch.no_grad():
@@ -122,6 +124,13 @@ class Lifecycle(RuleBasedStateMachine):
             self.active.modules = {fqn: dataclasses.replace(w, lora_a=stepped.modules[fqn].lora_a,
                                                             lora_b=stepped.modules[fqn].lora_b)
                                    for fqn, w in self.active.modules.items()}
+
+    @precondition(lambda self: self.mode == "branch")
+    @rule()
+    def train_step_then_reference_pass(self):
+        """DPO / KL training: a step, then a pass of the base model under ``disabled()``."""
+        self.train_step()
+        self.disabled_block()
 
     @rule(seq=st.integers(2, 12), batch=st.integers(1, 3))
     def new_shape(self, seq, batch):
