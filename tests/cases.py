@@ -99,6 +99,36 @@ def peft_adapter(case: Case, directory: str, seed: int = 1) -> tuple[torch.nn.Mo
     return base, pm
 
 
+def two_adapters_peft(directory) -> tuple[torch.nn.Module, torch.nn.Module, list[str]]:
+    """(base llama, PEFT model with adapters "a" and "b" both active, their saved directories)."""
+    import peft
+
+    cfgs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            dict(r=2, lora_alpha=3, target_modules=["v_proj", "up_proj"], init_lora_weights=False, use_rslora=True)]
+    base = tiny_model("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfgs[0]), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(**cfgs[1]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(str(directory))
+    pm.base_model.set_adapter(["a", "b"])
+    return base, pm.eval(), [os.path.join(str(directory), n) for n in ("a", "b")]
+
+
+def train(compiled: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, steps: int, between=None) -> None:
+    """``steps`` SGD steps of a causal LM on ``ids`` (``between()`` after each)."""
+    for _ in range(steps):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if between is not None:
+            between()
+
+
 def example_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

@@ -6,7 +6,7 @@ import copy
 import peft
 import pytest
 import torch
-from cases import Case, example_ids, logits, peft_adapter, tiny_model
+from cases import Case, example_ids, logits, peft_adapter, tiny_model, two_adapters_peft
 from test_loading import CONFIG, write
 
 import lora_fx
@@ -19,20 +19,8 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.mark.parametrize("mode", ["branch", "fold"])
 def test_summed_adapters_in_the_backend_match_peft_with_two_active(tmp_path, mode):
-    cfgs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-            dict(r=2, lora_alpha=3, target_modules=["v_proj", "up_proj"], init_lora_weights=False, use_rslora=True)]
-    base = tiny_model("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfgs[0]), adapter_name="a")
-    pm.add_adapter("b", peft.LoraConfig(**cfgs[1]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    pm.save_pretrained(str(tmp_path))
-    pm.base_model.set_adapter(["a", "b"])
-    pm.eval()
-    adapters = [lora_fx.load_adapter(tmp_path / "a"), lora_fx.load_adapter(tmp_path / "b")]
+    base, pm, dirs = two_adapters_peft(tmp_path)
+    adapters = [lora_fx.load_adapter(d) for d in dirs]
     compiled = torch.compile(base, backend=lora_fx.backend(adapters, mode=mode, inner="aot_eager"))
     ids = example_ids()
     with torch.no_grad():

@@ -9,7 +9,7 @@ import threading
 import peft
 import pytest
 import torch
-from cases import Case, example_ids, logits, peft_adapter, tiny_model
+from cases import Case, example_ids, logits, peft_adapter, tiny_model, train
 
 import lora_fx
 from lora_fx import LoraConfig, LoraFxError, RecompileLimitError, StaleWeightError, SwapError
@@ -42,11 +42,7 @@ def test_training_survives_disable_and_set_scale(leave):
     opt = torch.optim.SGD(be.parameters(), lr=0.5)
     compiled = torch.compile(model, backend=be)
     ids = example_ids()
-    for _ in range(3):
-        loss = compiled(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(compiled, opt, ids, 3)
     trained = be.trained_adapter()
     assert sum(w.lora_b.abs().sum() for w in trained.modules.values()) > 0.1, "training moved B"
     with torch.no_grad():
@@ -318,13 +314,12 @@ def test_peft_disable_adapter_after_training_matches(tmp_path):
     opt = torch.optim.SGD(be.parameters(), lr=0.5)
     compiled = torch.compile(model, backend=be)
     ids = example_ids()
-    for _ in range(2):
-        loss = compiled(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def reference_pass():
         with be.disabled(), torch.no_grad():
             compiled(input_ids=ids)
+
+    train(compiled, opt, ids, 2, between=reference_pass)
     be.trained_adapter().save(tmp_path)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_model("llama")), str(tmp_path)).eval()
     with torch.no_grad():

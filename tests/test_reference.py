@@ -1,11 +1,9 @@
 """lora_fx.reference reproduces PEFT's outputs on real transformers architectures."""
 
-import copy
 
-import peft
 import pytest
 import torch
-from cases import CASE_IDS, CASES, example_ids, logits, peft_adapter, tiny_model
+from cases import CASE_IDS, CASES, example_ids, logits, peft_adapter, tiny_model, two_adapters_peft
 
 import lora_fx
 
@@ -37,20 +35,8 @@ def test_reference_restores_the_model(tmp_path):
 
 
 def test_summed_adapters_match_peft_with_two_active(tmp_path):
-    cfgs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-            dict(r=2, lora_alpha=3, target_modules=["v_proj", "up_proj"], init_lora_weights=False, use_rslora=True)]
-    base = tiny_model("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfgs[0]), adapter_name="a")
-    pm.add_adapter("b", peft.LoraConfig(**cfgs[1]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    pm.save_pretrained(str(tmp_path))
-    pm.base_model.set_adapter(["a", "b"])
-    pm.eval()
-    adapters = [lora_fx.load_adapter(tmp_path / "a"), lora_fx.load_adapter(tmp_path / "b")]
+    base, pm, dirs = two_adapters_peft(tmp_path)
+    adapters = [lora_fx.load_adapter(d) for d in dirs]
     ids = example_ids()
     with torch.no_grad():
         torch.testing.assert_close(lora_fx.lora_forward(base, adapters, input_ids=ids).logits, logits(pm, ids),

@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from cases import Case, example_ids, logits, peft_adapter, tiny_model
+from cases import Case, example_ids, logits, peft_adapter, tiny_model, train
 
 import lora_fx
 from lora_fx import SwapError
@@ -238,11 +238,7 @@ def test_optimizer_can_be_built_before_the_first_call_and_trained_adapter_round_
     assert len(be.parameters()) == 2 * len(ad.modules)
     compiled = torch.compile(model, backend=be)
     ids = example_ids()
-    for _ in range(2):
-        loss = compiled(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(compiled, opt, ids, 2)
     trained = be.trained_adapter()
     trained.save(tmp_path)
     pm = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)).eval()

@@ -50,7 +50,21 @@ def sgd_step(model, adapter, ids, lr):
     return loss.detach(), new
 
 
-class Lifecycle(RuleBasedStateMachine):
+class Settings(RuleBasedStateMachine):
+    """The settings rules every machine has: the global scale and the on / off switch."""
+
+    @rule(scale=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+    def set_scale(self, scale):
+        self.be.set_scale(scale)
+        self.scale = scale
+
+    @rule(on=st.booleans())
+    def switch(self, on):
+        (self.be.enable if on else self.be.disable)()
+        self.enabled = on
+
+
+class Lifecycle(Settings):
     mode, inplace, dora = "branch", False, False
 
     @initialize(seed=st.integers(0, 3))
@@ -88,16 +102,6 @@ class Lifecycle(RuleBasedStateMachine):
     def swap(self, name):
         self.be.swap(self.adapters[name])
         self.active = self.adapters[name]
-
-    @rule(scale=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
-    def set_scale(self, scale):
-        self.be.set_scale(scale)
-        self.scale = scale
-
-    @rule(on=st.booleans())
-    def switch(self, on):
-        (self.be.enable if on else self.be.disable)()
-        self.enabled = on
 
     @rule()
     def disabled_block(self):
@@ -190,7 +194,7 @@ TestFoldInPlaceLifecycle = as_test(FoldInPlaceLifecycle, examples(3))
 TestDoraBranchLifecycle = as_test(DoraBranchLifecycle)
 
 
-class MixedLifecycle(RuleBasedStateMachine):
+class MixedLifecycle(Settings):
     """Mixed-adapter batches: select, swap a slot, scale, disable, new batch sizes, a base edit."""
 
     @initialize(seed=st.integers(0, 3))
@@ -232,16 +236,6 @@ class MixedLifecycle(RuleBasedStateMachine):
     def swap_slot(self, slot, name):
         self.be.swap({slot: self.pool[name]})
         self.slots[slot] = self.pool[name]
-
-    @rule(scale=st.sampled_from([0.0, 0.5, 1.0]))
-    def set_scale(self, scale):
-        self.be.set_scale(scale)
-        self.scale = scale
-
-    @rule(on=st.booleans())
-    def switch(self, on):
-        (self.be.enable if on else self.be.disable)()
-        self.enabled = on
 
     @rule(factor=st.sampled_from([0.5, 2.0]))
     def edit_base_weight(self, factor):
