@@ -1,5 +1,7 @@
 """load_adapter, Adapter.save, init_adapter and validation: each malformed input has its own error."""
 
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -242,8 +244,27 @@ def test_init_adapter_matches_peft_init_distribution():
     a = ad.modules["model.layers.0.self_attn.q_proj"].lora_a
     pm = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     pa = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
-    assert a.abs().max() <= 1 / 32**0.5 and pa.abs().max() <= 1 / 32**0.5
+    bound = 1 / 32**0.5  # kaiming_uniform(a=sqrt(5)) on (r, in=32): U(-1/sqrt(in), 1/sqrt(in))
+    for t in (a, pa.detach()):
+        assert t.shape == (4, 32)
+        assert t.abs().max() <= bound
+        assert t.min() < -0.7 * bound and t.max() > 0.7 * bound, "spread over the whole interval"
+        torch.testing.assert_close(t.std(), torch.tensor(bound / 3**0.5), atol=0, rtol=0.25)
     assert torch.count_nonzero(ad.modules["model.layers.0.self_attn.q_proj"].lora_b) == 0
+    other = lora_fx.init_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), seed=1)
+    assert not torch.equal(other.modules["model.layers.0.self_attn.q_proj"].lora_a, a), "the seed is used"
+
+
+def test_init_adapter_trains_from_the_first_step():
+    """B = 0 and A != 0: the first step's gradient reaches B (with A = 0 too, nothing would ever train)."""
+    base = tiny_model("llama")
+    ad = lora_fx.init_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), seed=0)
+    leaves = {fqn: w.lora_b.clone().requires_grad_(True) for fqn, w in ad.modules.items()}
+    live = copy.copy(ad)
+    live.modules = {fqn: dataclasses.replace(w, lora_b=leaves[fqn]) for fqn, w in ad.modules.items()}
+    ids = example_ids()
+    lora_fx.lora_forward(base, live, input_ids=ids, labels=ids).loss.backward()
+    assert all(b.grad.abs().sum() > 1e-4 for b in leaves.values())
 
 
 def perturb_weights(w):
