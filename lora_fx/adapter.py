@@ -24,6 +24,7 @@ import torch
 from . import targets
 from .config import LoraConfig
 from .errors import ModelMismatchError, raise_if
+from .quantized import out_in
 
 PREFIX = "base_model.model."
 
@@ -161,8 +162,8 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
         if isinstance(mod, torch.nn.Embedding):
             want_a, want_b = (w.rank, mod.num_embeddings), (mod.embedding_dim, w.rank)
         elif isinstance(mod, linear):
-            weight = mod.weight if isinstance(mod, torch.nn.Linear) else mod.weight.T
-            want_a, want_b = (w.rank, weight.shape[1]), (weight.shape[0], w.rank)
+            out_f, in_f = out_in(mod)
+            want_a, want_b = (w.rank, in_f), (out_f, w.rank)
         else:
             problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D or nn.Embedding, "
                             f"found {type(mod).__name__} (not supported)")

@@ -126,7 +126,7 @@ class LoraBackend:
         extra = tuple(inputs.extra)
         trainable = {id(p) for t in state.trainable.values() for p in t.values()}
         compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
-        return _bind(compiled, extra, state, done.derived, done.batch)
+        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -218,12 +218,14 @@ class LoraBackend:
         return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
 
 
-def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any) -> Callable:
+def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
+          no_backward: Sequence[str] = ()) -> Callable:
     """The function dynamo calls for one graph: bring what it reads up to date, then run it.
 
     ``extra`` are the tensors appended to every call; those that belong to a derived set are
     looked up again whenever a set was recomputed (into new tensors), the rest (A, B, the
-    selection) are passed as they are.
+    selection) are passed as they are. ``no_backward``: modules traced without a backward
+    (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
     """
     owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
     slots = [owner.get(id(t), (None, t)) for t in extra]
@@ -233,6 +235,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     device = state.device
 
     def run(*args: Any) -> Any:
+        if no_backward and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
+            _refuse_training(no_backward)
         with state.lock:
             stale = seen[0] != state.generation
             for d, refs in derived if stale else watched:
@@ -247,6 +251,15 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
             return compiled(*args, *current[0])
 
     return run
+
+
+def _refuse_training(fqns: Sequence[str]) -> None:
+    raise GraphRewriteError(
+        [f"{fqn}: its quantized kernel was traced for an input that needs no gradient (the model is frozen), "
+         "so the compiled graph has no backward through it" for fqn in fqns],
+        header="cannot train through this graph: the gradients of A / B before these modules would be wrong. "
+               "Call model.enable_input_require_grads() before the first compiled call (as PEFT's "
+               "prepare_model_for_kbit_training does), or run inference under torch.no_grad():")
 
 
 def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:

@@ -103,8 +103,11 @@ class Site:
     """One linear-like op in a graph, attributed to a module.
 
     kind: "linear" (y = x W^T + b, W (out, in)), "conv1d" (addmm(b, x2d, W), W (in, out)),
-    or "embedding" (y = W[x], W (vocab, dim)). ``path``: the module path the graph's metadata
-    gives (relative to the traced frame's root); ``fqn``: the adapter's module name.
+    "embedding" (y = W[x], W (vocab, dim)), or "module": a module whose forward is a linear map
+    of its input computed by some other op (a quantized weight's kernel); ``node`` is then the
+    module's output and ``input`` its input (see :func:`find_module_site`). ``path``: the module
+    path the graph's metadata gives (relative to the traced frame's root); ``fqn``: the adapter's
+    module name.
     """
 
     node: fx.Node
@@ -112,6 +115,8 @@ class Site:
     kind: str
     scope: Scope | None = None
     path: str = ""
+    input: fx.Node | None = None  # "module" sites: the module's input
+    weight_input: fx.Node | None = None  # "module" sites: the module's weight as the graph reads it
 
     @property
     def graph(self) -> fx.Graph:
@@ -123,18 +128,24 @@ class Site:
 
     @property
     def x(self) -> fx.Node:
+        if self.kind == "module":
+            return self.input
         if self.kind == "conv1d" or self._is_aten_embedding:
             return self.node.args[1]
         return self.node.args[0]
 
     @property
-    def weight(self) -> fx.Node:
+    def weight(self) -> fx.Node | None:
+        if self.kind == "module":
+            return self.weight_input
         if self.kind == "conv1d":
             return self.node.args[2]
         return self.node.args[0] if self._is_aten_embedding else self.node.args[1]
 
     @property
     def bias(self) -> fx.Node | None:
+        if self.kind == "module":
+            return None
         if self.kind == "conv1d":
             return self.node.args[0]
         if self.kind == "embedding":
@@ -194,8 +205,18 @@ def _site_path(node: fx.Node, scope: Scope, fallback_paths: dict[fx.Node, str] |
     return path
 
 
-def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = None,
-               ) -> tuple[list[Site], list[fx.Node], list[Refused]]:
+@dataclass
+class Found:
+    """What :func:`find_sites` found: the linear-like ops with their module path, the ops with no
+    module, the ops in bodies lora_fx cannot rewrite, and the scopes it can rewrite."""
+
+    sites: list[Site]
+    unattributed: list[fx.Node]
+    refused: list[Refused]
+    scopes: list[Scope]
+
+
+def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = None) -> Found:
     """Every linear-like op and its module path, in the graph and the bodies of its higher-order ops;
     also the ops that could not be attributed, and the ops in bodies lora_fx cannot rewrite.
 
@@ -203,11 +224,12 @@ def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = N
     right for tied weights too); without it, from the weight's parameter path in
     ``fallback_paths`` (``layers.0.fc.weight`` -> ``layers.0.fc``). ``Site.fqn`` is left to the caller.
     """
-    sites: list[Site] = []
-    unattributed: list[fx.Node] = []
-    refused: list[Refused] = []
+    found = Found([], [], [], [])
+    sites, unattributed, refused = found.sites, found.unattributed, found.refused
 
     def walk(scope: Scope, why: str | None) -> None:
+        if why is None:
+            found.scopes.append(scope)
         uses: dict[str, int] = {}
         for node in scope.gm.graph.find_nodes(op="get_attr"):
             uses[node.target] = uses.get(node.target, 0) + len(node.users)
@@ -237,7 +259,60 @@ def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = N
                 walk(Scope(sub, scope, node, spec[1] if spec else 0), inner_why)
 
     walk(Scope(gm), None)
-    return sites, unattributed, refused
+    return found
+
+
+def module_groups(scopes: list[Scope]) -> dict[str, list[tuple[Scope, list[fx.Node]]]]:
+    """Module path -> the scopes with the nodes its forward emitted there (``nn_module_stack``)."""
+    out: dict[str, list[tuple[Scope, list[fx.Node]]]] = {}
+    for scope in scopes:
+        groups: dict[str, list[fx.Node]] = {}
+        for node in scope.gm.graph.nodes:
+            path = module_fqn(node) if node.op in ("call_function", "call_method", "call_module") else None
+            if path is not None and not node.meta.get(MARK):
+                groups.setdefault(path, []).append(node)
+        for path, nodes in groups.items():
+            out.setdefault(path, []).append((scope, nodes))
+    return out
+
+
+def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple[int, int],
+                     param_paths: dict[fx.Node, str]) -> Site | str:
+    """A module whose forward is a linear map of its input, whatever ops compute it (a bitsandbytes
+    4-bit kernel, a custom autograd function): its boundary in the graph.
+
+    ``nodes`` are the ops the module's forward emitted (one call of it). The input is the one
+    tensor they read from outside whose last dim is ``in`` and which is not the module's own state
+    (a tensor whose parameter path lies under ``path``: weight, quantization constants); the output
+    is the one tensor of last dim ``out``, computed from the input, that ops outside the module
+    read (state the forward updates on the side, e.g. repacked quantization constants, is not).
+    Returns the site, or the problem (a string) when either is not unique.
+    """
+    out_f, in_f = shape
+    inside = set(nodes)
+    prefix = f"{path}." if path else ""
+
+    def own(node: fx.Node) -> bool:
+        p = param_paths.get(scope.top(node))
+        return p is not None and p.startswith(prefix)
+
+    def width(node: fx.Node) -> int | None:
+        meta = tensor_meta(node)
+        return meta.shape[-1] if meta is not None and meta.dim() >= 1 else None
+
+    xs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                            if a not in inside and not own(a) and width(a) == in_f))
+    reach = set(xs)  # what the input flows into inside the module (not state it updates on the side)
+    for n in nodes:
+        if any(a in reach for a in n.all_input_nodes):
+            reach.add(n)
+    ys = [n for n in nodes if n in reach and width(n) == out_f and any(u not in inside for u in n.users)]
+    if len(xs) != 1 or len(ys) != 1:
+        return (f"expected one input of width {in_f} and one output of width {out_f} at the module's boundary "
+                f"in the graph, found inputs {[a.name for a in xs]} and outputs {[n.name for n in ys]}")
+    weight = next((a for n in nodes for a in n.all_input_nodes if param_paths.get(scope.top(a)) == prefix + "weight"),
+                  None)
+    return Site(ys[0], "", "module", scope, path, input=xs[0], weight_input=weight)
 
 
 def inline_leaf_modules(gm: fx.GraphModule) -> int:

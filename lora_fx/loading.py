@@ -15,6 +15,7 @@ from . import targets
 from .adapter import PREFIX, Adapter, LoraWeights
 from .config import LoraConfig
 from .errors import AdapterConfigError, AdapterWeightsError, raise_if
+from .quantized import module_format, out_in
 
 SAFETENSORS, BIN = "adapter_model.safetensors", "adapter_model.bin"
 # suffix -> role of the tensor in LoraWeights
@@ -210,20 +211,26 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
         if not isinstance(w, torch.Tensor) or not isinstance(mod, (*targets.linear_like_types(), torch.nn.Embedding)):
             problems.append(f"{fqn}: expected nn.Linear, Conv1D or nn.Embedding, found {type(mod).__name__}")
             continue
-        dt = dtype or w.dtype
+        # a packed quantized weight (bitsandbytes: uint8) computes in the module's compute dtype
+        dt = dtype or (w.dtype if w.dtype.is_floating_point else getattr(mod, "compute_dtype", None) or torch.float32)
         scale = targets.scale_of(config, fqn)
         if isinstance(mod, torch.nn.Embedding):
             a = torch.zeros(r, mod.num_embeddings, dtype=dt)
             b = torch.randn(mod.embedding_dim, r, generator=gen).to(dt)
             weights[fqn] = LoraWeights(a, b, scale, embedding=True)
             continue
-        w_oi = w if isinstance(mod, torch.nn.Linear) else w.T  # Conv1D stores (in, out)
-        a = torch.empty(r, w_oi.shape[1])
-        bound = 1 / math.sqrt(w_oi.shape[1])  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        fmt = module_format(mod)
+        if fmt is not None and config.use_dora:
+            problems.append(f"{fqn}: DoRA over a quantized weight ({fmt}) is not supported; use plain LoRA")
+            continue
+        out_f, in_f = out_in(mod)  # from the module: a quantized weight may be stored packed
+        a = torch.empty(r, in_f)
+        bound = 1 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(w_oi.shape[0], r, dtype=dt)
+        b = torch.zeros(out_f, r, dtype=dt)
+        w_oi = w if isinstance(mod, torch.nn.Linear) else w.T  # Conv1D stores (in, out)
         mag = w_oi.detach().float().norm(dim=1).to(dt) if config.use_dora else None
-        bias = torch.zeros(w_oi.shape[0], dtype=dt) if config.lora_bias else None
+        bias = torch.zeros(out_f, dtype=dt) if config.lora_bias else None
         weights[fqn] = LoraWeights(a.to(dt), b, scale, mag, bias)
     raise_if(problems, AdapterConfigError, "cannot initialise the adapter:")
     if not weights:

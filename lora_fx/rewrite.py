@@ -22,6 +22,7 @@ from .errors import GraphRewriteError, raise_if
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
 from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
 from .passes.mixed import batched_input
+from .quantized import quant_format
 from .state import Derived, LoraState
 
 MODES = ("branch", "fold")
@@ -103,6 +104,47 @@ def attribute(path: str, weight: torch.Tensor | None, wanted: Iterable[str],
     return ends[0] if len(ends) == 1 else path
 
 
+def _traced_without_gradient(gm: fx.GraphModule, sites: list[g.Site]) -> list[str]:
+    """Module sites (a quantized kernel) whose input depends on a LoRA branch, so it needs a
+    gradient in training, but was traced by dynamo as needing none (the model is frozen): the
+    module's forward then took a kernel path with no backward (bitsandbytes does), and gradients
+    of the A / B before it would be wrong. Returns their fqns."""
+    lora = {n for n in gm.graph.nodes if n.meta.get(g.MARK)}
+    after: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node in lora or any(a in after for a in node.all_input_nodes):
+            after.add(node)
+    out = []
+    for s in sites:
+        meta = g.tensor_meta(s.x)
+        if s.kind == "module" and s.scope.parent is None and s.x in after and meta is not None \
+                and not meta.requires_grad:
+            out.append(s.fqn)
+    return out
+
+
+def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, param_paths: dict[fx.Node, str],
+                  owners: dict[tuple, list[str]] | None, problems: list[str]) -> list[g.Site]:
+    """Sites for the targeted linear modules the graph has no linear / Conv1D op of: their module
+    boundary (a quantized weight's kernel, see ``graph.find_module_site``). Problems are appended."""
+    lacking = {fqn for fqn, spec in specs.items() if fqn not in found and not spec.embedding}
+    out = []
+    if not lacking:
+        return out
+    for path, groups in g.module_groups(scopes).items():
+        fqn = attribute(path, None, lacking, owners)
+        if fqn not in lacking:
+            continue
+        for scope, group in groups:
+            site = g.find_module_site(scope, path, group, specs[fqn].shape, param_paths)
+            if isinstance(site, str):
+                problems.append(f"{fqn}: {site}")
+            else:
+                site.fqn = fqn
+                out.append(site)
+    return out
+
+
 class Feeder:
     """Adds tensors to a graph and threads them into the higher-order-op bodies that read them."""
 
@@ -127,6 +169,7 @@ class Rewritten:
     report: RewriteReport
     derived: list[tuple[Derived, tuple]]
     batch: Any = None  # mixed batches: where the call's batch size is read (see passes.mixed)
+    no_backward: list[str] = field(default_factory=list)  # see _traced_without_gradient
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
@@ -143,7 +186,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
     specs = state.layout.specs
     owners = owners_of(model) if model is not None else None
-    sites, unattributed, refused = g.find_sites(gm, inputs.paths)
+    found_ops = g.find_sites(gm, inputs.paths)
+    sites, unattributed = found_ops.sites, found_ops.unattributed
 
     def weight_of(node: fx.Node | None, scope: g.Scope | None) -> torch.Tensor | None:
         return inputs.value(scope.top(node)) if scope is not None else None
@@ -152,17 +196,19 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         s.fqn = attribute(s.path, weight_of(s.weight, s.scope), specs, owners)
     chosen = [s for s in sites if s.fqn in specs]
     problems: list[str] = []
-    for r in refused:
-        fqn = attribute(r.path or "", None, specs, owners) if r.path is not None else None
-        if fqn in specs:
-            problems.append(f"{fqn}: its op is {r.why}; expected it in the graph or an activation-checkpoint body")
+    chosen += _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs.paths, owners, problems)
     found = {s.fqn for s in chosen}
+    for r in found_ops.refused:
+        fqn = attribute(r.path or "", None, specs, owners) if r.path is not None else None
+        if fqn in specs and fqn not in found:
+            problems.append(f"{fqn}: its op is {r.why}; expected it in the graph or an activation-checkpoint body")
     missing = [fqn for fqn in specs if fqn not in found] if require_all else []
     if missing:
         hint = (f"; {len(unattributed)} linear-like ops have no module metadata (nn_module_stack)"
                 if unattributed else f"; modules seen in the graph: {sorted({s.fqn for s in sites})[:8]}")
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
+    formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     for s in chosen:
         spec = specs[s.fqn]
         if spec.embedding != (s.kind == "embedding"):
@@ -172,6 +218,14 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         if w is None:
             problems.append(f"{s.fqn}: expected its weight to be a parameter of the graph, found {s.weight}")
             continue
+        fmt = formats[s.fqn] = quant_format(w) or (f"computed by {s.node.target}" if s.kind == "module" else None)
+        if fmt is not None and state.mode == "fold":
+            problems.append(f"{s.fqn}: fold mode merges B A into the weight, which is {fmt}; use mode='branch' "
+                            "(the update is added at the module's output and the weight stays as it is)")
+        if fmt is not None and spec.dora:
+            problems.append(f"{s.fqn}: DoRA needs the dense weight's row norms, the weight is {fmt}; use plain LoRA")
+        if s.kind == "module":
+            continue  # its input and output widths were checked where it was found
         out_f, in_f = spec.shape
         shape = {"linear": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f)}[s.kind]
         if tuple(w.shape) != shape:
@@ -223,8 +277,10 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     else:
         report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype), fuse_tokens)
     report.added_inputs = len(inputs.values) - before + len(replacements)
+    no_backward = [] if state.mode == "fold" else _traced_without_gradient(gm, chosen)
     for s in chosen:
-        report.modules.setdefault(s.fqn, state.describe(s.fqn, s.kind))
+        fmt = formats.get(s.fqn)
+        report.modules.setdefault(s.fqn, state.describe(s.fqn, s.kind) + (f" over {fmt}" if fmt else ""))
     touched = {id(gm): gm}
     for s in chosen:
         scope = s.scope
@@ -234,7 +290,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     for graph_module in touched.values():
         graph_module.graph.lint()
         graph_module.recompile()
-    return Rewritten(report, derived, batch)
+    return Rewritten(report, derived, batch, no_backward)
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:

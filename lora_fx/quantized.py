@@ -1,0 +1,47 @@
+"""Quantized base weights: what format a module's weight is in, and its (out, in) shape.
+
+lora_fx never imports bitsandbytes or torchao: it recognises their weights by type. Branch mode
+works over any module whose forward is a linear map of its input (the update is added at the
+module's output); fold mode needs ``W + delta``, which no quantized format has, so it is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+
+def quant_format(weight: object) -> str | None:
+    """A readable name of ``weight``'s quantized format, or None for a plain (dense) tensor.
+
+    bitsandbytes: ``Params4bit`` (NF4 / FP4, with its quant_state) and ``Int8Params``;
+    torchao: any tensor subclass (``Int8Tensor``, ``NF4Tensor``, ``Float8Tensor``, ...).
+    """
+    if not isinstance(weight, torch.Tensor):
+        return None
+    cls = type(weight).__name__
+    if cls == "Params4bit":
+        state = getattr(weight, "quant_state", None)
+        kind = getattr(state, "quant_type", None) or getattr(weight, "quant_type", "4-bit")
+        return f"bitsandbytes {kind} (Params4bit)"
+    if cls == "Int8Params":
+        return "bitsandbytes int8 (Int8Params)"
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    if is_traceable_wrapper_subclass(data) or is_traceable_wrapper_subclass(weight):
+        sub = type(data) if is_traceable_wrapper_subclass(data) else type(weight)
+        return f"{sub.__module__.split('.')[0]} {sub.__name__}"
+    return None
+
+
+def module_format(module: torch.nn.Module) -> str | None:
+    """The quantized format of ``module``'s weight (None: dense)."""
+    return quant_format(getattr(module, "weight", None))
+
+
+def out_in(module: torch.nn.Module) -> tuple[int, int]:
+    """(out, in) of a Linear or Conv1D module's map, from its attributes: a quantized weight may be
+    stored packed (bitsandbytes 4-bit: (out * in / 2, 1) bytes), so its shape does not tell."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    w = module.weight  # transformers Conv1D stores (in, out)
+    return w.shape[1], w.shape[0]
