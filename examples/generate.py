@@ -12,6 +12,11 @@ With a local model and adapters:
 
   python examples/generate.py --model DIR --adapter DIR [--adapter DIR --scale X ...] \\
       --mode fold|branch --prompt "..." --max-new-tokens N
+
+``--quantize nf4|int8`` puts the base model's linear layers in 4-bit NF4 (bitsandbytes, loaded
+through transformers' BitsAndBytesConfig as QLoRA users do) or int8 (torchao weight-only) first;
+the adapter then runs in branch mode over the quantized weights (fold needs dense weights), and
+the demo trains it through the quantized base (QLoRA).
 """
 
 from __future__ import annotations
@@ -57,11 +62,11 @@ class Chars:
         return "".join(self.itos[i] for i in ids)
 
 
-def tiny_llama(vocab: int):
+def tiny_llama(vocab: int, hidden: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=None, eos_token_id=None, pad_token_id=0)
     return LlamaForCausalLM(cfg)
@@ -103,6 +108,27 @@ def tokens_per_second(model, tok: Chars, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def quantized(model, how: str | None):
+    """``model`` with its linear layers (not the output head) quantized: "nf4" (bitsandbytes) or
+    "int8" (torchao); None: the model itself."""
+    if how is None:
+        return model
+    if how == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+        return model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["lm_head"])
+        return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map="cpu",
+                                                    dtype=torch.float32).eval()
+
+
 def compiled_copy(model, backend):
     import copy
 
@@ -111,16 +137,21 @@ def compiled_copy(model, backend):
     return m
 
 
-def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None, inner: str = "inductor") -> None:
+def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None, inner: str = "inductor",
+         quantize: str | None = None) -> None:
     tok = Chars(BASE_TEXT + ADAPTER_TEXT)
     base_ids = tok.encode(BASE_TEXT * 4)[0]
     lora_ids = tok.encode(ADAPTER_TEXT * 4)[0]
-    model = tiny_llama(len(tok.itos))
+    model = tiny_llama(len(tok.itos), hidden=128 if quantize else 96)  # bitsandbytes' CPU kernel: multiples of 64
     status(f"base model: tiny Llama, {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters")
     train(model, model.parameters(), base_ids, base_steps, 3e-3, "base model")
     model.eval()
+    model = quantized(model, quantize)
     for p in model.parameters():
         p.requires_grad_(False)
+    if quantize:
+        status(f"base model quantized: {lora_fx.quantized.module_format(model.model.layers[0].mlp.up_proj)}")
+        model.enable_input_require_grads()  # QLoRA: the quantized kernels are traced with their backward
 
     config = lora_fx.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     adapter = lora_fx.init_adapter(model, config, seed=0, name="robot")
@@ -134,10 +165,12 @@ def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None,
     status(f"adapter saved in PEFT format: {out_dir}")
     adapter = lora_fx.load_adapter(out_dir)
 
-    status(f"compiling fold and branch modes ({inner})")
-    fold = compiled_copy(model, lora_fx.backend(adapter, mode="fold", inner=inner))
+    # fold needs dense weights: over a quantized base both columns come from branch mode
+    status(f"compiling {'branch mode' if quantize else 'fold and branch modes'} ({inner})")
     branch = compiled_copy(model, lora_fx.backend(adapter, mode="branch", inner=inner))
-    print(f"\n{'prompt':<12}| {'base model':<40}| {'with the adapter (fold)':<40}")
+    fold = branch if quantize else compiled_copy(model, lora_fx.backend(adapter, mode="fold", inner=inner))
+    shown = f"with the adapter ({'branch' if quantize else 'fold'})"
+    print(f"\n{'prompt':<12}| {'base model':<40}| {shown:<40}")
     print("-" * 96)
     for prompt in PROMPTS:
         a = generate(model, tok, prompt, new_tokens).replace("\n", " ")
@@ -149,8 +182,9 @@ def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None,
     status("timing generation (tokens/s, greedy, batch 1)")
     with lora_fx.apply_lora(model, adapter):
         eager = tokens_per_second(model, tok, new_tokens)
-    rates = {"eager, PEFT-style hooks": eager, "lora_fx fold": tokens_per_second(fold, tok, new_tokens),
-             "lora_fx branch": tokens_per_second(branch, tok, new_tokens)}
+    rates = {"eager, PEFT-style hooks": eager, "lora_fx branch": tokens_per_second(branch, tok, new_tokens)}
+    if not quantize:
+        rates["lora_fx fold"] = tokens_per_second(fold, tok, new_tokens)
     for name, r in rates.items():
         print(f"  {name:<26} {r:8.1f} tokens/s")
 
@@ -160,7 +194,7 @@ def run_local(args: argparse.Namespace) -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model = quantized(AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval(), args.quantize)
     scales = args.scale or [1.0] * len(args.adapter)
     if len(scales) != len(args.adapter):
         raise SystemExit(f"--scale: expected one per --adapter ({len(args.adapter)}), found {len(scales)}")
@@ -192,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-steps", type=int, default=150, help="demo: training steps of the adapter")
     p.add_argument("--out", help="demo: where to save the trained adapter")
     p.add_argument("--inner", default="inductor", help="demo: inner compiler (inductor, aot_eager)")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="quantize the base model (branch mode over it)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     # Each model object compiled here adds dynamo cache entries to the same forward code (prefill,
@@ -200,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         if not args.adapter:
             p.error("--model needs at least one --adapter")
+        if args.quantize and args.mode == "fold":
+            p.error("--quantize: fold needs dense weights; use --mode branch")
         run_local(args)
     else:
-        demo(args.base_steps, args.lora_steps, args.max_new_tokens, args.out, args.inner)
+        demo(args.base_steps, args.lora_steps, args.max_new_tokens, args.out, args.inner, args.quantize)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from . import targets
 from .adapter import model_problems
 from .errors import LoraFxError
 from .loading import load_adapter
+from .quantized import module_format
 from .reference import merged_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -69,8 +70,18 @@ def inspect(args: argparse.Namespace) -> int:
         matched = targets.matched_modules(cfg, model)
         print(f"\nagainst {args.model}: the config matches {len(matched)} modules")
         problems = model_problems(adapter, model)
+        mods = dict(model.named_modules())
+        formats: dict[str, int] = {}
+        for m in mods.values():
+            if isinstance(m, (*targets.linear_like_types(), torch.nn.Embedding)):
+                fmt = module_format(m) or f"dense {getattr(m.weight, 'dtype', '')}".strip()
+                formats[fmt] = formats.get(fmt, 0) + 1
+        print("base weights: " + ", ".join(f"{fmt}: {n} modules" for fmt, n in sorted(formats.items()))
+              + ("" if all(f.startswith("dense") for f in formats) else "  (quantized: branch mode only)"))
         for fqn in matched:
-            print(f"  matched  {fqn}" + ("" if fqn in adapter.modules else "   (no tensors in the adapter)"))
+            fmt = module_format(mods[fqn]) if fqn in mods else None
+            print(f"  matched  {fqn}" + (f"  [{fmt}]" if fmt else "")
+                  + ("" if fqn in adapter.modules else "   (no tensors in the adapter)"))
         for p in problems:
             print(f"  problem  {p}")
         if problems:

@@ -9,6 +9,8 @@ import pytest
 import torch
 from cases import CASES, example_ids, logits, peft_adapter, tiny_model
 
+import lora_fx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -84,3 +86,37 @@ def test_generate_demo_runs_in_reduced_mode(tmp_path):
         assert name in r.stdout and "tokens/s" in r.stdout
     assert os.path.isfile(tmp_path / "adapter_model.safetensors")
     peft.PeftConfig.from_pretrained(str(tmp_path))  # PEFT reads what the demo saved
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_generate_demo_over_a_quantized_base(tmp_path, quantize):
+    pytest.importorskip("bitsandbytes" if quantize == "nf4" else "torchao")
+    r = subprocess.run([sys.executable, "examples/generate.py", "--base-steps", "20", "--lora-steps", "10",
+                        "--max-new-tokens", "6", "--inner", "aot_eager", "--quantize", quantize,
+                        "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fmt = "bitsandbytes nf4 (Params4bit)" if quantize == "nf4" else "torchao Int8Tensor"
+    assert f"base model quantized: {fmt}" in r.stdout
+    assert "with the adapter (branch)" in r.stdout and "lora_fx branch" in r.stdout
+    peft.PeftConfig.from_pretrained(str(tmp_path))
+
+
+def test_inspect_reports_the_base_models_quantization(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import transformers as tf
+    from test_quantized import dense_llama
+
+    dense, quant = tmp_path / "dense", tmp_path / "nf4"
+    dense_llama().save_pretrained(dense)
+    qc = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    tf.AutoModelForCausalLM.from_pretrained(dense, quantization_config=qc, device_map="cpu").save_pretrained(quant)
+    model = tf.AutoModelForCausalLM.from_pretrained(dense)
+    lora_fx.init_adapter(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"])).save(tmp_path / "ad")
+    r = lora_fx_cli("inspect", str(tmp_path / "ad"), "--model", str(quant))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "base weights: bitsandbytes nf4 (Params4bit): 14 modules" in r.stdout
+    assert "(quantized: branch mode only)" in r.stdout
+    assert "model.layers.0.self_attn.q_proj  [bitsandbytes nf4 (Params4bit)]" in r.stdout
+    r = lora_fx_cli("inspect", str(tmp_path / "ad"), "--model", str(dense))
+    assert "base weights: dense torch.float32: 16 modules" in r.stdout and "quantized" not in r.stdout
