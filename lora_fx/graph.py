@@ -166,7 +166,7 @@ class Site:
             self.node.args = (*self.node.args[:2], new)
 
 
-def _site_kind(node: fx.Node) -> str | None:
+def site_kind(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     if node.target in LINEAR_OPS:
@@ -199,7 +199,7 @@ class Refused:
 def _site_path(node: fx.Node, scope: Scope, fallback_paths: dict[fx.Node, str] | None) -> str | None:
     path = module_fqn(node)
     if path is None and fallback_paths:
-        top = scope.top(Site(node, "", _site_kind(node)).weight)
+        top = scope.top(Site(node, "", site_kind(node)).weight)
         p = fallback_paths.get(top)
         path = p.rpartition(".")[0] if p else None
     return path
@@ -236,7 +236,7 @@ def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = N
         for node in scope.gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            kind = _site_kind(node)
+            kind = site_kind(node)
             if kind is not None and not node.meta.get(MARK):
                 path = _site_path(node, scope, fallback_paths)
                 if why is not None:

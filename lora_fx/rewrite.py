@@ -123,7 +123,7 @@ def _traced_without_gradient(gm: fx.GraphModule, sites: list[g.Site]) -> list[st
     return out
 
 
-def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, param_paths: dict[fx.Node, str],
+def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: GraphInputs,
                   owners: dict[tuple, list[str]] | None, problems: list[str]) -> list[g.Site]:
     """Sites for the targeted linear modules the graph has no linear / Conv1D op of: their module
     boundary (a quantized weight's kernel, see ``graph.find_module_site``). Problems are appended."""
@@ -132,11 +132,16 @@ def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, param_pat
     if not lacking:
         return out
     for path, groups in g.module_groups(scopes).items():
-        fqn = attribute(path, None, lacking, owners)
-        if fqn not in lacking:
-            continue
         for scope, group in groups:
-            site = g.find_module_site(scope, path, group, specs[fqn].shape, param_paths)
+            if any(g.site_kind(n) is not None for n in group):
+                continue  # a module with its own linear op: a plain site, attributed by its weight
+            prefix = f"{path}." if path else ""
+            weight = next((inputs.value(scope.top(a)) for n in group for a in n.all_input_nodes
+                           if inputs.paths.get(scope.top(a)) == prefix + "weight"), None)
+            fqn = attribute(path, weight, lacking, owners)
+            if fqn not in lacking:
+                continue
+            site = g.find_module_site(scope, path, group, specs[fqn].shape, inputs.paths)
             if isinstance(site, str):
                 problems.append(f"{fqn}: {site}")
             else:
@@ -196,7 +201,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         s.fqn = attribute(s.path, weight_of(s.weight, s.scope), specs, owners)
     chosen = [s for s in sites if s.fqn in specs]
     problems: list[str] = []
-    chosen += _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs.paths, owners, problems)
+    chosen += _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs, owners, problems)
     found = {s.fqn for s in chosen}
     for r in found_ops.refused:
         fqn = attribute(r.path or "", None, specs, owners) if r.path is not None else None

@@ -203,6 +203,7 @@ def test_swap_scale_disable_and_mixed_batches_over_nf4(dense_dir):
     be = lora_fx.backend(first, inner="aot_eager")
     compiled = torch.compile(model, backend=be)
     with torch.no_grad():
+        model(input_ids=ids)  # bitsandbytes repacks its CPU weights at the first inference call (a new shape)
         torch.testing.assert_close(logits(compiled, ids), ref(first), **TOL)
         with torch._dynamo.config.patch(error_on_recompile=True):
             be.swap(subset)
