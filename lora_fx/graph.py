@@ -276,8 +276,14 @@ def module_groups(scopes: list[Scope]) -> dict[str, list[tuple[Scope, list[fx.No
     return out
 
 
+def module_weight(scope: Scope, path: str, nodes: list[fx.Node], param_paths: dict[fx.Node, str]) -> fx.Node | None:
+    """The graph input that is the weight of module ``path`` among what ``nodes`` read (None if none)."""
+    want = f"{path}.weight" if path else "weight"
+    return next((a for n in nodes for a in n.all_input_nodes if param_paths.get(scope.top(a)) == want), None)
+
+
 def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple[int, int],
-                     param_paths: dict[fx.Node, str]) -> Site | str:
+                     param_paths: dict[fx.Node, str], weight: fx.Node | None) -> Site | str:
     """A module whose forward is a linear map of its input, whatever ops compute it (a bitsandbytes
     4-bit kernel, a custom autograd function): its boundary in the graph.
 
@@ -286,7 +292,8 @@ def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple
     (a tensor whose parameter path lies under ``path``: weight, quantization constants); the output
     is the one tensor of last dim ``out``, computed from the input, that ops outside the module
     read (state the forward updates on the side, e.g. repacked quantization constants, is not).
-    Returns the site, or the problem (a string) when either is not unique.
+    ``weight``: the module's weight node (:func:`module_weight`). Returns the site, or the
+    problem (a string) when either is not unique.
     """
     out_f, in_f = shape
     inside = set(nodes)
@@ -310,8 +317,6 @@ def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple
     if len(xs) != 1 or len(ys) != 1:
         return (f"expected one input of width {in_f} and one output of width {out_f} at the module's boundary "
                 f"in the graph, found inputs {[a.name for a in xs]} and outputs {[n.name for n in ys]}")
-    weight = next((a for n in nodes for a in n.all_input_nodes if param_paths.get(scope.top(a)) == prefix + "weight"),
-                  None)
     return Site(ys[0], "", "module", scope, path, input=xs[0], weight_input=weight)
 
 

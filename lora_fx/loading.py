@@ -16,6 +16,7 @@ from .adapter import PREFIX, Adapter, LoraWeights
 from .config import LoraConfig
 from .errors import AdapterConfigError, AdapterWeightsError, raise_if
 from .quantized import module_format, out_in
+from .tensors import as_out_in
 
 SAFETENSORS, BIN = "adapter_model.safetensors", "adapter_model.bin"
 # suffix -> role of the tensor in LoraWeights
@@ -228,7 +229,7 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
         bound = 1 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
         a.uniform_(-bound, bound, generator=gen)
         b = torch.zeros(out_f, r, dtype=dt)
-        w_oi = w if isinstance(mod, torch.nn.Linear) else w.T  # Conv1D stores (in, out)
+        w_oi = as_out_in(w, "linear" if isinstance(mod, torch.nn.Linear) else "conv1d")
         mag = w_oi.detach().float().norm(dim=1).to(dt) if config.use_dora else None
         bias = torch.zeros(out_f, dtype=dt) if config.lora_bias else None
         weights[fqn] = LoraWeights(a.to(dt), b, scale, mag, bias)

@@ -26,11 +26,8 @@ def quant_format(weight: object) -> str | None:
         return f"bitsandbytes {kind} (Params4bit)"
     if cls == "Int8Params":
         return "bitsandbytes int8 (Int8Params)"
-    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    if is_traceable_wrapper_subclass(data) or is_traceable_wrapper_subclass(weight):
-        sub = type(data) if is_traceable_wrapper_subclass(data) else type(weight)
-        return f"{sub.__module__.split('.')[0]} {sub.__name__}"
-    return None
+    sub = next((type(t) for t in (weight.data, weight) if is_traceable_wrapper_subclass(t)), None)
+    return None if sub is None else f"{sub.__module__.split('.')[0]} {sub.__name__}"
 
 
 def module_format(module: torch.nn.Module) -> str | None:

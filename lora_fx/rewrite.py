@@ -135,13 +135,11 @@ def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: G
         for scope, group in groups:
             if any(g.site_kind(n) is not None for n in group):
                 continue  # a module with its own linear op: a plain site, attributed by its weight
-            prefix = f"{path}." if path else ""
-            weight = next((inputs.value(scope.top(a)) for n in group for a in n.all_input_nodes
-                           if inputs.paths.get(scope.top(a)) == prefix + "weight"), None)
-            fqn = attribute(path, weight, lacking, owners)
+            weight = g.module_weight(scope, path, group, inputs.paths)
+            fqn = attribute(path, inputs.value(scope.top(weight)), lacking, owners)
             if fqn not in lacking:
                 continue
-            site = g.find_module_site(scope, path, group, specs[fqn].shape, inputs.paths)
+            site = g.find_module_site(scope, path, group, specs[fqn].shape, inputs.paths, weight)
             if isinstance(site, str):
                 problems.append(f"{fqn}: {site}")
             else:
