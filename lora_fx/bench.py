@@ -142,10 +142,21 @@ def variants_for(group: str, args, tmp: str) -> dict:
     return out, extra, adapters, base
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` keeps in memory: a quantized tensor subclass (torchao) counts its inner tensors,
+    not its logical shape times its logical dtype."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def weights_bytes(model, be=None) -> int:
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n = sum(stored_bytes(p) for p in model.parameters())
     if be is not None:
-        n += sum(t.numel() * t.element_size() for t in be.state.held())
+        n += sum(stored_bytes(t) for t in be.state.held())
     return n
 
 

@@ -1,0 +1,155 @@
+"""Benchmark over a quantized base: lora_fx branch vs the compiled quantized base, PEFT as peers.
+
+    python benchmarks/quantized.py                 # NF4 (bitsandbytes) and int8 (torchao), CPU fp32
+    python benchmarks/quantized.py --formats nf4 --reps 12
+
+For each format, one process builds the same Llama-shaped model (GQA, KV heads = heads / 4), loads
+it quantized, and times side by side, call by call: the compiled quantized base (Inductor), lora_fx
+branch over it, PEFT eager and PEFT under torch.compile on the same quantized base. Each figure is
+a median over the calls; ratios are to the compiled quantized base of the same run. Weight memory
+is the model's parameters (plus what lora_fx holds) over the dense fp32 model's.
+Results: benchmarks/results/quantized-cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from lora_fx.bench import PROJ, Inputs, compiled_forward, timed, weights_bytes
+
+VARIANTS = ("compiled base", "lora_fx branch", "PEFT eager", "PEFT compiled")
+
+
+def dense(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(4, args.hidden // 64)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
+                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 4,
+                      max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantized(fmt: str, dense_dir: str):
+    """The dense model quantized as users load it: NF4 through transformers' BitsAndBytesConfig,
+    int8 through torchao's quantize_ (lm_head stays dense in both)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if fmt == "nf4":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        model = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+                  and fqn != "lm_head")
+    return warm(model)
+
+
+def warm(model):
+    """One eager inference call: bitsandbytes repacks its CPU weights then (and again after a
+    state_dict() unpacks them, as PEFT's loading does); a compiled graph must see the final shapes."""
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    return model
+
+
+def worker(fmt: str, args) -> dict:
+    import peft
+
+    import lora_fx
+    from lora_fx.loading import random_adapter
+
+    torch._dynamo.config.recompile_limit = 64
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        base = dense(args)
+        dense_bytes = weights_bytes(base)
+        base.save_pretrained(os.path.join(tmp, "dense"))
+        cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
+        random_adapter(base, cfg, seed=0, std=0.02).save(os.path.join(tmp, "adapter"))
+        adapter = lora_fx.load_adapter(os.path.join(tmp, "adapter"))
+        load = lambda: quantized(fmt, os.path.join(tmp, "dense"))  # noqa: E731
+        models, backends = {"compiled base": compiled_forward(load())}, {}
+        be = backends["lora_fx branch"] = lora_fx.backend(adapter, mode="branch")
+        models["lora_fx branch"] = compiled_forward(load(), be)
+        models["PEFT eager"] = warm(peft.PeftModel.from_pretrained(load(), os.path.join(tmp, "adapter")).eval())
+        pm = warm(peft.PeftModel.from_pretrained(load(), os.path.join(tmp, "adapter")).eval())
+        pm.forward = torch.compile(pm.forward, dynamic=True)
+        models["PEFT compiled"] = pm
+        inputs = Inputs(args)
+        res = {"format": lora_fx.quantized.module_format(models["PEFT eager"].base_model.model.model.layers[0]
+                                                            .mlp.up_proj.base_layer), "times": {}}
+        for wl in ("prefill", "decode"):
+            fns = {name: inputs.workload(m, wl) for name, m in models.items()}
+            for fn in fns.values():  # compile, then the one recompile a cropped KV cache's strides cause
+                fn()
+                fn()
+            samples = {name: [] for name in fns}
+            for _ in range(args.reps // 2 if wl == "prefill" else args.reps):
+                for name, fn in fns.items():
+                    samples[name].append(timed(fn, args))
+            res["times"][wl] = {name: statistics.median(s) for name, s in samples.items()}
+        res["weights"] = {name: weights_bytes(m, backends.get(name)) / dense_bytes for name, m in models.items()
+                          if name in ("compiled base", "lora_fx branch")}
+        res["weights"]["dense fp32"] = 1.0
+    return res
+
+
+def table(results: list[dict], args) -> str:
+    lines = [f"CPU fp32 compute, Llama hidden {args.hidden}, {args.layers} layers, GQA, vocab {args.vocab}, "
+             f"r={args.rank} on 7 projections; prefill {args.seq} tokens, decode batch 1 after {args.seq}; "
+             "ratio to the compiled quantized base of the same run (median per call).", "",
+             "| base | variant | prefill | decode | weight memory vs dense fp32 |", "|---|---|---|---|---|"]
+    for r in results:
+        t = r["times"]
+        for name in VARIANTS:
+            ratio = [t[wl][name] / t[wl]["compiled base"] for wl in ("prefill", "decode")]
+            mem = r["weights"].get(name)
+            lines.append(f"| {r['format']} | {name} | {ratio[0]:.3f}x | {ratio[1]:.3f}x | "
+                         + (f"{mem:.3f}x" if mem is not None else "") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", default="nf4,int8")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--reps", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "quantized-cpu.md"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)))
+        return 0
+    results = []
+    for fmt in args.formats.split(","):  # one process per format: separate dynamo caches
+        out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", fmt],
+                             capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    text = table(results, args)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(f"`python benchmarks/quantized.py {' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
