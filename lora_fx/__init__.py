@@ -3,6 +3,7 @@
 from .adapter import Adapter, LoraWeights
 from .backend import LoraBackend, backend
 from .config import LoraConfig
+from .diffusers import load_diffusers_lora
 from .errors import (
     AdapterConfigError,
     AdapterWeightsError,
@@ -36,6 +37,7 @@ __all__ = [
     "backend",
     "init_adapter",
     "load_adapter",
+    "load_diffusers_lora",
     "lora_forward",
     "merged_state_dict",
     "rewrite",

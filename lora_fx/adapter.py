@@ -8,6 +8,11 @@ The LoRA update of a module with weight W (out, in), for input x (..., in):
 with A = ``lora_a`` (r, in), B = ``lora_b`` (out, r), scale = alpha / r (alpha / sqrt(r) with
 rsLoRA) times the load-time multiplier (Hu et al. 2021, arXiv:2106.09685; Liu et al. 2024,
 arXiv:2402.09353). Embeddings store A as (r, vocab) and B as (dim, r), as PEFT does.
+
+Convolutions (nn.Conv1d / 2d / 3d, weight (out, in / groups, *k)) keep PEFT's layout: A is a conv
+kernel (r, in, *k) run with the base's stride and padding, B a 1x1 conv (out, r / groups, *1) with
+the base's groups; its matrix form is block-diagonal (out, r), and B A in matrix form is
+(out, in * prod(k)), the weight's rows.
 """
 
 from __future__ import annotations
@@ -34,12 +39,17 @@ class LoraWeights:
     """The tensors of one module's LoRA update.
 
     Attributes:
-        lora_a: (r, in) for Linear / Conv1D, (r, vocab) for Embedding.
-        lora_b: (out, r) for Linear / Conv1D, (dim, r) for Embedding.
+        lora_a: (r, in) for Linear / Conv1D, (r, vocab) for Embedding, (r, in, *k) for ConvNd.
+        lora_b: (out, r) for Linear / Conv1D, (dim, r) for Embedding, (out, r / groups, *1) for ConvNd.
         scale: alpha / r (or alpha / sqrt(r)), times the adapter's load-time multiplier.
-        magnitude: DoRA's m, (out,), or None.
+        magnitude: DoRA's m, (out,) ((1, out, *1) for ConvNd, as PEFT stores it), or None.
         bias: lora_B's bias (lora_bias=True), (out,), or None. Scaled by ``scale`` like B A x.
         embedding: whether the module is an nn.Embedding.
+        param: a parameter of the module that becomes W + scale * B A wherever the model reads it
+            (PEFT's ``target_parameters`` and nn.MultiheadAttention's in_proj_weight / out_proj),
+            instead of an update added at the module's output; None for module LoRA.
+        saved_as: the module path of PEFT's keys when it differs from the module's own
+            (``mha.base_layer.out_proj`` for ``mha.out_proj``).
     """
 
     lora_a: torch.Tensor
@@ -48,10 +58,30 @@ class LoraWeights:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     embedding: bool = False
+    param: str | None = None
+    saved_as: str | None = None
 
     @property
     def rank(self) -> int:
         return self.lora_a.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """A conv's kernel size (() for Linear / Conv1D / Embedding)."""
+        return tuple(self.lora_a.shape[2:])
+
+    @property
+    def groups(self) -> int:
+        """A conv's groups (lora_B is grouped as the base conv is); 1 otherwise."""
+        return self.rank // self.lora_b.shape[1] if self.lora_b.shape[1] else 1
+
+    def b_matrix(self) -> torch.Tensor:
+        """B as an (out, r) matrix: a grouped conv's B becomes block-diagonal."""
+        return dense_b(self.lora_b, self.groups).flatten(1)
+
+    def a_matrix(self) -> torch.Tensor:
+        """A as an (r, in * prod(k)) matrix."""
+        return self.lora_a.flatten(1)
 
     def to(self, device: torch.device | str | None) -> LoraWeights:
         """The same weights on ``device`` (self when they are there already, or device is None)."""
@@ -66,9 +96,30 @@ class LoraWeights:
         return self if multiplier == 1.0 else dataclasses.replace(self, scale=self.scale * multiplier)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """scale * B @ A in (out, in) layout (for embeddings: (vocab, dim), the weight's layout)."""
-        d = self.scale * (self.lora_b.to(dtype) @ self.lora_a.to(dtype))
-        return d.T if self.embedding else d
+        """scale * B @ A as an (out, in * prod(k)) matrix (embeddings: (dim, vocab))."""
+        return self.scale * (self.b_matrix().to(dtype) @ self.a_matrix().to(dtype))
+
+
+def dense_b(b: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped 1x1 conv kernel (out, r / groups, *1) as the equal dense kernel (out, r, *1)
+    (block-diagonal); ``b`` itself when groups is 1."""
+    if groups == 1:
+        return b
+    out_f, per = b.shape[0], b.shape[1]
+    dense = b.new_zeros(out_f, per * groups, *b.shape[2:])
+    rows = out_f // groups
+    for j in range(groups):
+        dense[j * rows:(j + 1) * rows, j * per:(j + 1) * per] = b[j * rows:(j + 1) * rows]
+    return dense
+
+
+def grouped_b(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`dense_b`: the diagonal blocks of a dense (out, r, *1) kernel."""
+    if groups == 1:
+        return dense
+    out_f, r = dense.shape[0], dense.shape[1]
+    rows, per = out_f // groups, r // groups
+    return torch.cat([dense[j * rows:(j + 1) * rows, j * per:(j + 1) * per] for j in range(groups)])
 
 
 @dataclass
@@ -103,7 +154,7 @@ class Adapter:
         """PEFT's on-disk keys. The load-time multiplier is folded into lora_B so PEFT reproduces it."""
         out: dict[str, torch.Tensor] = {}
         for fqn, w in self.modules.items():
-            key = PREFIX + fqn
+            key = PREFIX + (w.saved_as or fqn)
             b = w.lora_b * self.multiplier if self.multiplier != 1.0 else w.lora_b
             if w.embedding:
                 out[f"{key}.lora_embedding_A"], out[f"{key}.lora_embedding_B"] = w.lora_a, b
@@ -159,22 +210,41 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
         if mod is None:
             problems.append(f"{fqn}: adapter has LoRA tensors for it, the model has no such module")
             continue
-        if isinstance(mod, torch.nn.Embedding):
+        if w.param is not None:
+            p = getattr(mod, w.param, None)
+            if not isinstance(p, torch.Tensor) or p.dim() != 2:
+                found = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                problems.append(f"{fqn}.{w.param}: expected a 2-D parameter for LoRA on a parameter, found {found} "
+                                "(3-D expert parameters are not supported)")
+                continue
+            want_a, want_b = (w.rank, p.shape[1]), (p.shape[0], w.rank)
+        elif isinstance(mod, torch.nn.Embedding):
             want_a, want_b = (w.rank, mod.num_embeddings), (mod.embedding_dim, w.rank)
         elif isinstance(mod, linear):
             out_f, in_f = out_in(mod)
             want_a, want_b = (w.rank, in_f), (out_f, w.rank)
+        elif isinstance(mod, targets.CONV_TYPES):
+            conv = conv_problems(fqn, mod, w.rank)
+            problems += conv
+            if conv:
+                continue
+            ones = (1,) * len(mod.kernel_size)
+            want_a = (w.rank, mod.in_channels, *mod.kernel_size)
+            want_b = (mod.out_channels, w.rank // mod.groups, *ones)
         else:
-            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D or nn.Embedding, "
+            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D, nn.Conv1d / 2d / 3d or nn.Embedding, "
                             f"found {type(mod).__name__} (not supported)")
             continue
-        if w.embedding != isinstance(mod, torch.nn.Embedding):
+        if w.param is None and w.embedding != isinstance(mod, torch.nn.Embedding):
             problems.append(f"{fqn}: adapter holds {'embedding' if w.embedding else 'linear'} LoRA tensors, "
                             f"the model's module is {type(mod).__name__}")
             continue
         for what, t, want in (("lora_A", w.lora_a, want_a), ("lora_B", w.lora_b, want_b)):
             if tuple(t.shape) != want:
                 problems.append(f"{fqn}.{what}: expected shape {want}, found {tuple(t.shape)}")
+        if w.magnitude is not None and w.magnitude.numel() != want_b[0]:
+            problems.append(f"{fqn}.lora_magnitude_vector: expected {want_b[0]} values (one per output), "
+                            f"found shape {tuple(w.magnitude.shape)}")
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
     for path, t in adapter.overrides.items():
@@ -193,6 +263,21 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
     for pat in targets.unmatched_patterns(adapter.config, modules):
         problems.append(f"target_modules entry {pat!r}: matches no module of the model")
     return problems
+
+
+def conv_problems(fqn: str, mod: torch.nn.Module, rank: int) -> list[str]:
+    """What PEFT's conv LoRA cannot express exactly on ``mod`` (lora_A is built with the base's
+    kernel, stride and padding only; lora_B with its groups)."""
+    p = []
+    if mod.padding_mode != "zeros":
+        p.append(f"{fqn}: padding_mode={mod.padding_mode!r}: PEFT's lora_A pads with zeros, the base does not; "
+                 "expected padding_mode='zeros'")
+    if any(d != 1 for d in mod.dilation) and any(k != 1 for k in mod.kernel_size):
+        p.append(f"{fqn}: dilation={mod.dilation}: PEFT's lora_A is not dilated, so its output does not match the "
+                 "base's shape; expected dilation 1")
+    if rank % mod.groups:
+        p.append(f"{fqn}: rank {rank} with groups={mod.groups}: expected a rank divisible by groups (as PEFT)")
+    return p
 
 
 def as_adapters(adapters: Adapter | Sequence[Adapter]) -> list[Adapter]:

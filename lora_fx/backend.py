@@ -66,6 +66,10 @@ class LoraBackend:
         fuse_tokens: branch mode: graphs whose token count is static and at most this (decode
             steps) get the update as small reductions Inductor fuses into neighbouring kernels,
             instead of two GEMM calls per op (default 16 with inner="inductor", else 0).
+        reserve: adapters (or lists / mappings, as ``adapters``) that ``swap`` may bring later
+            with other target sets, ranks or variants: the graphs hold the union of their modules
+            (the modules an active adapter lacks run the base op with a zero update), so swapping
+            between them never recompiles.
 
     Attributes:
         reports: one RewriteReport per compiled graph.
@@ -80,7 +84,8 @@ class LoraBackend:
     """
 
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
-                 max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None):
+                 max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
+                 reserve: Sequence[Adapters] = ()):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
         if fuse_tokens is not None and (not isinstance(fuse_tokens, int) or fuse_tokens < 0):
@@ -88,7 +93,7 @@ class LoraBackend:
         self.mode = mode
         self.fuse_tokens = fuse_tokens if fuse_tokens is not None else FUSE_TOKENS if inner == "inductor" else 0
         self.inner = _inner_backend(inner)
-        self.state = LoraState(adapters, mode, max_rank, inplace=inplace)
+        self.state = LoraState(adapters, mode, max_rank, inplace=inplace, reserve=reserve)
         self.lock = self.state.lock
         self.reports: list[RewriteReport] = []
         self.model: torch.nn.Module | None = None
@@ -271,9 +276,11 @@ def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:
 
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
-            max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None) -> LoraBackend:
+            max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
+            reserve: Sequence[Adapters] = ()) -> LoraBackend:
     """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
 
     See :class:`LoraBackend` for the arguments.
     """
-    return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace, fuse_tokens=fuse_tokens)
+    return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace, fuse_tokens=fuse_tokens,
+                       reserve=reserve)

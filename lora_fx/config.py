@@ -22,17 +22,23 @@ log = logging.getLogger(__name__)
 REFUSED_FIELDS: dict[str, str] = {
     "alora_invocation_tokens": "activated LoRA (aLoRA) changes the forward per token",
     "kasa_config": "KaSA changes the forward",
-    "use_bdlora": "BD-LoRA changes the forward",
     "arrow_config": "Arrow routing changes the forward",
-    "monteclora_config": "MonteCLoRA changes the forward",
     "use_qalora": "QA-LoRA pools the input",
     "layer_replication": "layer replication changes the model's structure",
     "trainable_token_indices": "trainable tokens change the embedding per token",
-    "target_parameters": "parameter targeting (MoE experts) is not supported",
     "megatron_config": "Megatron parallel layers are not supported",
-    "use_velora": "VeLoRA changes the backward",
-    "velora_config": "VeLoRA changes the backward",
 }
+# Variants whose eval forward is plain LoRA but whose training is not: applied for inference,
+# training (``be.parameters()``) refused by name. The value: what differs in training.
+INFERENCE_ONLY_FIELDS: dict[str, str] = {
+    "velora_config": "VeLoRA trains with compressed activations in the backward",
+    "use_velora": "VeLoRA trains with compressed activations in the backward",
+    "monteclora_config": "MonteCLoRA samples A's perturbations while training",
+    "init_lora_weights": "MiCA (init_lora_weights='mica') trains A only, with B frozen",
+    "use_bdlora": "BD-LoRA trains block-diagonal factors; lora_fx holds them dense",
+}
+# per-module state of those variants that only training reads (suffixes of the saved keys)
+TRAINING_STATE_KEYS = (".lora_velora_embed", ".lora_monteclora_sampler.")
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -72,6 +78,12 @@ class LoraConfig:
         layers_to_transform, layers_pattern: restrict targets to these layer indices.
         rank_pattern, alpha_pattern: per-module rank / alpha, first matching key wins.
         use_rslora, use_dora, fan_in_fan_out, bias, lora_bias, modules_to_save: as in PEFT.
+        target_parameters: "module.param" names whose parameter gets W + scale * B A (PEFT's
+            ParamWrapper), 2-D parameters.
+        use_bdlora: BD-LoRA's block-diagonal factors (``target_modules_bd_a`` / ``_bd_b``,
+            ``nblocks``); the loaded factors are made dense, the same LoRA.
+        inference_only: set when loading a variant whose eval forward is plain LoRA but whose
+            training differs (VeLoRA, MonteCLoRA, MiCA): why ``parameters()`` refuses to train it.
 
     Raises:
         AdapterConfigError: listing every field with a wrong type or value.
@@ -91,9 +103,12 @@ class LoraConfig:
     bias: str = "none"
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
+    target_parameters: list[str] | None = None
+    use_bdlora: dict[str, Any] | None = None
     base_model_name_or_path: str | None = None
     lora_dropout: float = 0.0
     task_type: str | None = None
+    inference_only: str | None = field(default=None, compare=False)  # why training is refused (a variant)
 
     def __post_init__(self) -> None:
         raise_if(self._type_problems(), AdapterConfigError, "invalid LoRA config:")
@@ -138,6 +153,12 @@ class LoraConfig:
                 p.append(f"{name}: expected true or false, found {getattr(self, name)!r}")
         if self.bias not in BIAS_CHOICES:
             p.append(f"bias: expected one of {BIAS_CHOICES}, found {self.bias!r}")
+        if self.target_parameters is not None and not is_str_list(self.target_parameters):
+            p.append(f"target_parameters: expected a list of strings or null, found {self.target_parameters!r}")
+        if self.use_bdlora is not None and not (isinstance(self.use_bdlora, dict)
+                                                and isinstance(self.use_bdlora.get("nblocks"), int)):
+            p.append(f"use_bdlora: expected a mapping with an int nblocks (PEFT's BdLoraConfig), "
+                     f"found {self.use_bdlora!r}")
         if self.modules_to_save is not None and not is_str_list(self.modules_to_save):
             p.append(f"modules_to_save: expected a list of strings or null, found {self.modules_to_save!r}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
@@ -161,14 +182,21 @@ class LoraConfig:
             if data.get(name) not in (None, False, {}, []):
                 problems.append(f"{name}: not supported ({why}), found {data[name]!r}")
         raise_if(problems, AdapterConfigError, f"{source} asks for what lora_fx does not implement:")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - set(REFUSED_FIELDS) - {"peft_type"})
+        def inference_only_value(name: str) -> bool:
+            v = data.get(name)
+            return v == "mica" if name == "init_lora_weights" else v not in (None, False, {}, [])
+
+        inference_only = [f"{name}: {why}" for name, why in INFERENCE_ONLY_FIELDS.items() if inference_only_value(name)]
+        known = {f.name for f in dataclasses.fields(cls)} - {"inference_only"}
+        unknown = sorted(set(data) - known - set(REFUSED_FIELDS) - set(INFERENCE_ONLY_FIELDS) - {"peft_type"})
         if unknown:
             log.debug("%s: ignoring fields %s", source, unknown)
         kwargs = {k: v for k, v in data.items() if k in known}
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
+        if inference_only:
+            kwargs["inference_only"] = "; ".join(inference_only)
         try:
             return cls(**kwargs)
         except AdapterConfigError as e:
@@ -192,6 +220,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json that PEFT's ``LoraConfig.from_pretrained`` reads."""
         d = dataclasses.asdict(self)
+        d.pop("inference_only")
         if isinstance(d["target_modules"], (set, tuple)):
             d["target_modules"] = sorted(d["target_modules"])
         d["peft_type"] = "LORA"

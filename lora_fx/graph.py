@@ -20,6 +20,10 @@ aten = torch.ops.aten
 LINEAR_OPS = (F.linear, torch._C._nn.linear, aten.linear.default)
 ADDMM_OPS = (torch.addmm, aten.addmm.default)
 EMBEDDING_OPS = (F.embedding, aten.embedding.default)
+# convolutions: (x, weight, bias, stride, padding, dilation, groups); aten.convolution has
+# (x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+CONV_OPS = (torch.conv1d, torch.conv2d, torch.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
 MARK = "lora_fx"  # node.meta key set on every node a pass adds, and on the graph once rewritten
 
 _ROOT = re.compile(r"^(?:[LG]\[[^\]]*\])(?:\[[^\]]*\])*")
@@ -103,7 +107,9 @@ class Site:
     """One linear-like op in a graph, attributed to a module.
 
     kind: "linear" (y = x W^T + b, W (out, in)), "conv1d" (addmm(b, x2d, W), W (in, out)),
-    "embedding" (y = W[x], W (vocab, dim)), or "module": a module whose forward is a linear map
+    "embedding" (y = W[x], W (vocab, dim)), "conv" (a convolution, W (out, in / groups, *k)),
+    "param" (``node`` is a parameter (out, in) itself, read by whatever ops use it), or
+    "module": a module whose forward is a linear map
     of its input computed by some other op (a quantized weight's kernel); ``node`` is then the
     module's output and ``input`` its input (see :func:`find_module_site`). ``path``: the module
     path the graph's metadata gives (relative to the traced frame's root); ``fqn``: the adapter's
@@ -127,7 +133,9 @@ class Site:
         return self.node.target is aten.embedding.default
 
     @property
-    def x(self) -> fx.Node:
+    def x(self) -> fx.Node | None:
+        if self.kind == "param":
+            return None
         if self.kind == "module":
             return self.input
         if self.kind == "conv1d" or self._is_aten_embedding:
@@ -136,6 +144,8 @@ class Site:
 
     @property
     def weight(self) -> fx.Node | None:
+        if self.kind == "param":
+            return self.node
         if self.kind == "module":
             return self.weight_input
         if self.kind == "conv1d":
@@ -144,7 +154,7 @@ class Site:
 
     @property
     def bias(self) -> fx.Node | None:
-        if self.kind == "module":
+        if self.kind in ("module", "param"):
             return None
         if self.kind == "conv1d":
             return self.node.args[0]
@@ -153,6 +163,9 @@ class Site:
         return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
 
     def set_weight(self, new: fx.Node) -> None:
+        if self.kind == "param":  # every op that reads the parameter reads ``new``
+            self.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            return
         idx = 2 if self.kind == "conv1d" else 0 if self._is_aten_embedding else 1
         self.node.update_arg(idx, new)
 
@@ -164,6 +177,28 @@ class Site:
             self.node.update_kwarg("bias", new)
         else:
             self.node.args = (*self.node.args[:2], new)
+
+    def conv_args(self) -> dict[str, Any]:
+        """A conv site's stride, padding, dilation and groups as its op holds them."""
+        node, aten_conv = self.node, self.node.target is aten.convolution.default
+        names = ("stride", "padding", "dilation", "transposed", "output_padding", "groups") if aten_conv \
+            else ("stride", "padding", "dilation", "groups")
+        meta = tensor_meta(self.weight)
+        dims = meta.dim() - 2 if meta is not None else int(str(getattr(node.target, "__name__", node.target))[4])
+        defaults = {"stride": [1] * dims, "padding": [0] * dims, "dilation": [1] * dims, "groups": 1,
+                    "transposed": False}
+        return {name: node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(name, defaults.get(name))
+                for i, name in enumerate(names)}
+
+    def conv_call(self, graph: fx.Graph, x: fx.Node, weight: fx.Node, bias: fx.Node | None, *,
+                  stride: Any, padding: Any, dims: int) -> fx.Node:
+        """A convolution of the site's op form (dilation 1, groups 1), marked as lora_fx's."""
+        ones = [1] * dims
+        if self.node.target is aten.convolution.default:
+            args = (x, weight, bias, stride, padding, ones, False, [0] * dims, 1)
+        else:
+            args = (x, weight, bias, stride, padding, ones, 1)
+        return call(graph, self.node.target, args)
 
 
 def site_kind(node: fx.Node) -> str | None:
@@ -177,6 +212,9 @@ def site_kind(node: fx.Node) -> str | None:
         return "conv1d"
     if node.target in EMBEDDING_OPS:
         return "embedding"
+    if node.target in CONV_OPS:
+        transposed = node.target is aten.convolution.default and len(node.args) > 6 and node.args[6]
+        return None if transposed else "conv"
     return None
 
 
@@ -321,19 +359,25 @@ def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple
 
 
 def inline_leaf_modules(gm: fx.GraphModule) -> int:
-    """Turn call_module Linear / Embedding nodes (symbolic_trace) into F.linear / F.embedding
-    calls on get_attr weights, so every graph kind has the same op forms. Returns the count."""
+    """Turn call_module Linear / Embedding / ConvNd nodes (symbolic_trace) into F.linear /
+    F.embedding / F.convNd calls on get_attr weights, so every graph kind has the same op forms.
+    Returns the count."""
     count = 0
+    convs = {torch.nn.Conv1d: F.conv1d, torch.nn.Conv2d: F.conv2d, torch.nn.Conv3d: F.conv3d}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+        conv = convs.get(type(mod)) if getattr(mod, "padding_mode", "zeros") == "zeros" else None
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and conv is None:
             continue
         with gm.graph.inserting_before(node):
             w = gm.graph.get_attr(f"{node.target}.weight")
-            if isinstance(mod, torch.nn.Linear):
-                b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            b = gm.graph.get_attr(f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+            if conv is not None:
+                new = gm.graph.call_function(conv, (node.args[0], w, b, mod.stride, mod.padding, mod.dilation,
+                                                    mod.groups))
+            elif isinstance(mod, torch.nn.Linear):
                 new = gm.graph.call_function(F.linear, (node.args[0], w, b))
             else:
                 new = gm.graph.call_function(F.embedding, (node.args[0], w, mod.padding_idx, mod.max_norm,

@@ -5,6 +5,7 @@ init_adapter: a fresh adapter on a model, with PEFT's default initialisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -12,8 +13,8 @@ import re
 import torch
 
 from . import targets
-from .adapter import PREFIX, Adapter, LoraWeights
-from .config import LoraConfig
+from .adapter import PREFIX, Adapter, LoraWeights, conv_problems
+from .config import TRAINING_STATE_KEYS, LoraConfig
 from .errors import AdapterConfigError, AdapterWeightsError, raise_if
 from .quantized import module_format, out_in
 from .tensors import as_out_in
@@ -98,6 +99,8 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     parts: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
+        if any(k in key for k in TRAINING_STATE_KEYS) and config.inference_only:
+            continue  # a variant's training-only state (VeLoRA, MonteCLoRA); its eval forward is LoRA
         if not key.startswith(PREFIX):
             problems.append(f"{key}: expected a key starting with {PREFIX!r} (PEFT's format)")
             continue
@@ -113,6 +116,12 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     modules: dict[str, LoraWeights] = {}
     check_targets = isinstance(config.target_modules, list) or (
         isinstance(config.target_modules, str) and config.target_modules != targets.ALL_LINEAR)
+    params = parameter_targets(config, set(parts))
+    for entry in config.target_parameters or ():
+        module, _, _ = entry.rpartition(".")
+        if module not in parts:
+            problems.append(f"target_parameters entry {entry!r}: expected LoRA tensors for module {module!r}, "
+                            "found none")
     for fqn, p in parts.items():
         emb = "emb_a" in p or "emb_b" in p
         a, b = (p.get("emb_a"), p.get("emb_b")) if emb else (p.get("lora_a"), p.get("lora_b"))
@@ -121,34 +130,46 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
             missing, found = (what[0], what[1]) if a is None else (what[1], what[0])
             problems.append(f"{fqn}: expected {missing} with {found}, found only {found}")
             continue
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        a, b = block_diagonal_factors(config, fqn, a, b)
+        if a.dim() >= 3 and not emb:  # a conv: A (r, in, *k), B (out, r / groups, *1)
+            if b.dim() != a.dim() or any(d != 1 for d in b.shape[2:]) or not b.shape[1] or a.shape[0] % b.shape[1]:
+                problems.append(f"{fqn}: expected a conv LoRA, {what[0]} (r, in, *kernel) and {what[1]} "
+                                f"(out, r / groups, *1), found {tuple(a.shape)} and {tuple(b.shape)}")
+                continue
+        elif a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             problems.append(f"{fqn}: expected {what[0]} (r, in) and {what[1]} (out, r) with the same r, "
                             f"found {tuple(a.shape)} and {tuple(b.shape)}")
             continue
         r = targets.rank_of(config, fqn)
         if a.shape[0] != r:
             problems.append(f"{fqn}: expected rank {r} from the config (r / rank_pattern), found {a.shape[0]}")
-        if check_targets and not targets.is_target(config, fqn):
+        param, owner = params.get(fqn, (None, fqn))
+        if param is not None and (config.use_dora or config.lora_bias):
+            problems.append(f"{fqn}.{param}: LoRA on a parameter has no DoRA or lora_bias (PEFT refuses them too)")
+        if check_targets and param is None and not targets.is_target(config, fqn):
             problems.append(f"{fqn}: has LoRA tensors, but the config's target_modules does not match it")
         mag, bias = p.get("magnitude"), p.get("bias")
-        if config.use_dora and mag is None and not emb:
+        if config.use_dora and mag is None:
             problems.append(f"{fqn}: expected lora_magnitude_vector (use_dora=true), found none")
-        if emb and (mag is not None or config.use_dora):
-            problems.append(f"{fqn}: DoRA on embeddings is not supported")
         if mag is not None and not config.use_dora:
             problems.append(f"{fqn}: found lora_magnitude_vector, expected none (use_dora=false)")
         if bias is not None and not config.lora_bias:
             problems.append(f"{fqn}: found lora_B.bias, expected none (lora_bias=false)")
         if config.lora_bias and bias is None and not emb:
             problems.append(f"{fqn}: expected lora_B.bias (lora_bias=true), found none")
-        for role, t in (("lora_magnitude_vector", mag), ("lora_B.bias", bias)):
-            if t is not None and tuple(t.shape) != (b.shape[0],):
-                problems.append(f"{fqn}.{role}: expected shape ({b.shape[0]},), found {tuple(t.shape)}")
+        conv_mag = (1, b.shape[0], *b.shape[2:]) if a.dim() >= 3 and not emb else (b.shape[0],)
+        for role, t, want in (("lora_magnitude_vector", mag, conv_mag), ("lora_B.bias", bias, (b.shape[0],))):
+            if t is not None and tuple(t.shape) != want:
+                problems.append(f"{fqn}.{role}: expected shape {want}, found {tuple(t.shape)}")
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (t.to(dtype) if dtype is not None else t)
 
-        modules[fqn] = LoraWeights(cast(a), cast(b), targets.scale_of(config, fqn, scale), cast(mag), cast(bias), emb)
+        w_scale = targets.scale_of(config, fqn, scale)
+        if owner != fqn:  # an attention's out_proj: PEFT's merge adds its update twice (see parameter_targets)
+            w_scale *= 2
+        modules[owner] = LoraWeights(cast(a), cast(b), w_scale, cast(mag), cast(bias), emb,
+                                     param, None if owner == fqn else fqn)
     overrides: dict[str, torch.Tensor] = {}
     for key, t in rest.items():
         if ".original_module." in key:
@@ -161,7 +182,53 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     if not modules and not overrides and not problems:
         problems.append("expected LoRA tensors, found none")
     raise_if(problems, AdapterWeightsError, f"{source}: invalid adapter weights:")
+    if any(w.saved_as for w in modules.values()) and not config.inference_only:
+        config = dataclasses.replace(config, inference_only=MHA_TRAINING)
     return Adapter(config, modules, overrides, multiplier=scale, name=name)
+
+
+MHA_TRAINING = ("nn.MultiheadAttention: PEFT's forward adds out_proj's update twice (merged by hand, then by "
+                "out_proj.merge) with its gradient through one; lora_fx gives that forward, not that training")
+
+
+def block_diagonal_factors(config: LoraConfig, fqn: str, a: torch.Tensor,
+                           b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BD-LoRA (``use_bdlora``): the factor PEFT stores block-diagonal, (rows, cols / nblocks), as
+    the dense block-diagonal matrix it stands for (PEFT's ``weight_as_blockdiagonal_matrix``);
+    which factor follows PEFT's rule, a pattern contained in the module's name."""
+    bd = config.use_bdlora
+    if not bd:
+        return a, b
+    leaf = fqn.rsplit(".", 1)[-1]
+    dense = lambda t: torch.block_diag(*torch.chunk(t, bd["nblocks"], dim=0))  # noqa: E731
+    if any(p in leaf for p in bd.get("target_modules_bd_a") or ()):
+        return dense(a), b
+    if any(p in leaf for p in bd.get("target_modules_bd_b") or ()):
+        return a, dense(b)
+    return a, b
+
+
+def parameter_targets(config: LoraConfig, fqns: set[str]) -> dict[str, tuple[str, str]]:
+    """PEFT key path -> (parameter name, module fqn) for the LoRA that merges into a parameter.
+
+    ``target_parameters`` entries ("lin0.weight"); and nn.MultiheadAttention, which PEFT adapts
+    by merging into its in_proj_weight (keys ``mha.lora_A``) and its out_proj's weight (keys
+    ``mha.base_layer.out_proj.lora_A``; that module's forward never runs). A module with LoRA
+    keys under ``<fqn>.base_layer.out_proj`` is such an attention module. PEFT (0.21) merges the
+    out_proj update by hand and then again through ``out_proj.merge``, so its forward (and
+    ``merge_and_unload``) has W_out + 2 * scale * B A; lora_fx reproduces that number.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for name in config.target_parameters or ():
+        module, _, param = name.rpartition(".")
+        out[module] = (param, module)
+    for fqn in fqns:
+        head, sep, _ = fqn.partition(".base_layer.out_proj")
+        if sep and fqn.endswith(".base_layer.out_proj"):
+            out[fqn] = ("weight", f"{head}.out_proj")
+            if head in fqns:
+                out[head] = ("in_proj_weight", head)
+    return out
 
 
 def load_adapter(path: str | os.PathLike, *, scale: float = 1.0, dtype: torch.dtype | None = None,
@@ -195,12 +262,13 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
                  dtype: torch.dtype | None = None, name: str | None = None) -> Adapter:
     """A fresh adapter on ``model`` with PEFT's default initialisation.
 
-    A is Kaiming-uniform as nn.Linear's weight, B is zero (embeddings: A zero, B normal), the DoRA
-    magnitude is the weight's row norm and lora_B's bias is zero, so the adapted model equals the
-    base model until the adapter is trained.
+    A is Kaiming-uniform as nn.Linear's weight (a conv's: its kernel), B is zero (embeddings: A
+    zero, B normal), the DoRA magnitude is the weight's row norm (per output) and lora_B's bias
+    is zero, so the adapted model equals the base model until the adapter is trained.
 
     Raises:
-        ModelMismatchError: a targeted module is not Linear / Conv1D / Embedding.
+        AdapterConfigError: a targeted module is not Linear / Conv1D / ConvNd / Embedding, or a
+            conv PEFT's LoRA cannot express (see ``adapter.conv_problems``).
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     mods = dict(model.named_modules())
@@ -209,29 +277,40 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
     for fqn in targets.matched_modules(config, model):
         mod, r = mods[fqn], targets.rank_of(config, fqn)
         w = getattr(mod, "weight", None)
-        if not isinstance(w, torch.Tensor) or not isinstance(mod, (*targets.linear_like_types(), torch.nn.Embedding)):
-            problems.append(f"{fqn}: expected nn.Linear, Conv1D or nn.Embedding, found {type(mod).__name__}")
+        kind = targets.module_kind(mod)
+        if not isinstance(w, torch.Tensor) or kind is None:
+            problems.append(f"{fqn}: expected nn.Linear, Conv1D, nn.Conv1d / 2d / 3d or nn.Embedding, "
+                            f"found {type(mod).__name__}")
             continue
         # a packed quantized weight (bitsandbytes: uint8) computes in the module's compute dtype
         dt = dtype or (w.dtype if w.dtype.is_floating_point else getattr(mod, "compute_dtype", None) or torch.float32)
         scale = targets.scale_of(config, fqn)
-        if isinstance(mod, torch.nn.Embedding):
-            a = torch.zeros(r, mod.num_embeddings, dtype=dt)
-            b = torch.randn(mod.embedding_dim, r, generator=gen).to(dt)
-            weights[fqn] = LoraWeights(a, b, scale, embedding=True)
-            continue
         fmt = module_format(mod)
         if fmt is not None and config.use_dora:
             problems.append(f"{fqn}: DoRA over a quantized weight ({fmt}) is not supported; use plain LoRA")
             continue
-        out_f, in_f = out_in(mod)  # from the module: a quantized weight may be stored packed
-        a = torch.empty(r, in_f)
-        bound = 1 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        mag = as_out_in(w, kind).detach().float().norm(dim=1).to(dt) if config.use_dora else None
+        if isinstance(mod, torch.nn.Embedding):
+            a = torch.zeros(r, mod.num_embeddings, dtype=dt)
+            b = torch.randn(mod.embedding_dim, r, generator=gen).to(dt)
+            weights[fqn] = LoraWeights(a, b, scale, mag, embedding=True)
+            continue
+        if kind == "conv":
+            bad = conv_problems(fqn, mod, r)
+            problems += bad
+            if bad:
+                continue
+            ones = (1,) * len(mod.kernel_size)
+            a_shape, b_shape = (r, mod.in_channels, *mod.kernel_size), (mod.out_channels, r // mod.groups, *ones)
+            mag = None if mag is None else mag.view(1, -1, *ones)
+        else:
+            out_f, in_f = out_in(mod)  # from the module: a quantized weight may be stored packed
+            a_shape, b_shape = (r, in_f), (out_f, r)
+        a = torch.empty(a_shape)
+        bound = 1 / math.sqrt(a[0].numel())  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(out_f, r, dtype=dt)
-        w_oi = as_out_in(w, "linear" if isinstance(mod, torch.nn.Linear) else "conv1d")
-        mag = w_oi.detach().float().norm(dim=1).to(dt) if config.use_dora else None
-        bias = torch.zeros(out_f, dtype=dt) if config.lora_bias else None
+        b = torch.zeros(b_shape, dtype=dt)
+        bias = torch.zeros(b_shape[0], dtype=dt) if config.lora_bias else None
         weights[fqn] = LoraWeights(a.to(dt), b, scale, mag, bias)
     raise_if(problems, AdapterConfigError, "cannot initialise the adapter:")
     if not weights:

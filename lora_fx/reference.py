@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides, model_problems
 from .errors import ModelMismatchError, raise_if
+from .targets import module_kind
 from .tensors import fold_tensors
 
 
@@ -48,10 +49,66 @@ def _embedding_hook(weights: list[LoraWeights]):
         for w in weights:
             after_a = F.embedding(args[0], w.lora_a.T, mod.padding_idx, mod.max_norm, mod.norm_type,
                                   mod.scale_grad_by_freq, mod.sparse)  # (..., r)
-            result = result + (after_a @ w.lora_b.T) * w.scale
+            lora = (after_a @ w.lora_b.T) * w.scale
+            if w.magnitude is None:
+                result = result + lora
+                continue
+            # DoRA, as PEFT's DoraEmbeddingLayer: norm of W^T + s B A per embedding dim, detached.
+            merged = mod.weight.T + w.scale * (w.lora_b @ w.lora_a)  # (dim, vocab)
+            mag_norm_scale = w.magnitude / torch.linalg.norm(merged, dim=1).to(merged.dtype).detach()
+            result = mag_norm_scale * result + mag_norm_scale * lora
         return result.to(out_dtype)
 
     return hook
+
+
+def _conv_hook(weights: list[LoraWeights]):
+    def hook(mod: torch.nn.Module, args: tuple[Any, ...], result: torch.Tensor) -> torch.Tensor:
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[mod.weight.dim()]
+        out_dtype = result.dtype
+        for w in weights:
+            x = args[0].to(w.lora_a.dtype)
+            # PEFT's lora_B(lora_A(x)): A with the base's kernel, stride and padding; B 1x1 with its groups
+            lora = conv(conv(x, w.lora_a, None, mod.stride, mod.padding), w.lora_b, w.bias, groups=mod.groups)
+            if w.magnitude is None:
+                result = result + lora * w.scale
+                continue
+            # DoRA, as PEFT's _DoraConvNdLayer: B.view(-1, r) @ A.view(r, -1) in the weight's shape
+            lora_weight = (w.lora_b.reshape(-1, w.rank) @ w.lora_a.reshape(w.rank, -1)).reshape(mod.weight.shape)
+            merged = mod.weight + w.scale * lora_weight
+            norm = merged.norm(p=2, dim=tuple(range(1, merged.dim())), keepdim=True).transpose(1, 0).detach()
+            mag_norm_scale = w.magnitude / norm  # (1, out, *1)
+            base = result
+            if mod.bias is not None:
+                base = result - mod.bias.view(1, -1, *(1,) * (result.dim() - 2))
+            result = result + (mag_norm_scale - 1) * base + mag_norm_scale * lora * w.scale
+        return result.to(out_dtype)
+
+    return hook
+
+
+def _merge_params_around(model: torch.nn.Module, entries: list[tuple[torch.nn.Module, list[LoraWeights]]]) -> list:
+    """LoRA on parameters, as PEFT's ParamWrapper and MultiheadAttention apply it: for each call
+    of the model, the parameter is W + scale * B A (differentiable); the originals come back after."""
+    held: list[tuple[torch.nn.Module, str, Any]] = []
+
+    def pre(_mod: torch.nn.Module, _args: Any) -> None:
+        for mod, ws in entries:
+            name = ws[0].param
+            orig = mod._parameters[name]
+            held.append((mod, name, orig))
+            merged = orig
+            for w in ws:
+                w = w.to(orig.device)
+                merged = merged + ((w.lora_b @ w.lora_a) * w.scale).to(orig.dtype)
+            mod._parameters[name] = merged
+
+    def post(_mod: torch.nn.Module, _args: Any, _out: Any) -> None:
+        while held:
+            mod, name, orig = held.pop()
+            mod._parameters[name] = orig
+
+    return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
 
 
 @contextmanager
@@ -83,10 +140,17 @@ def apply_lora(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) ->
                 old = mod._buffers[name]
                 saved.append((mod, name, old))
                 mod._buffers[name] = t.to(old.device, old.dtype)
+        merged_params = [(mods[fqn], ws) for fqn, ws in per_module.items() if ws[0].param is not None]
+        if merged_params:
+            handles += _merge_params_around(model, merged_params)
         for fqn, ws in per_module.items():
+            if ws[0].param is not None:
+                continue
             mod = mods[fqn]
             ws = [w.to(mod.weight.device) for w in ws]
-            hook = _embedding_hook(ws) if isinstance(mod, torch.nn.Embedding) else _linear_hook(mod, ws)
+            kind = module_kind(mod)
+            hook = (_embedding_hook(ws) if kind == "embedding" else _conv_hook(ws) if kind == "conv"
+                    else _linear_hook(mod, ws))
             handles.append(mod.register_forward_hook(hook))
         yield model
     finally:
@@ -113,9 +177,11 @@ def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapt
     mods = dict(model.named_modules())
     for fqn, ws in combined_modules(adapters).items():
         mod = mods[fqn]
-        kind = ("embedding" if isinstance(mod, torch.nn.Embedding) else
-                "linear" if isinstance(mod, torch.nn.Linear) else "conv1d")
-        weight_key, bias_key = f"{fqn}.weight", f"{fqn}.bias"
+        kind = "param" if ws[0].param is not None else module_kind(mod)
+        if kind == "conv" and mod.groups > 1:
+            raise ModelMismatchError(f"{fqn}: groups={mod.groups}: B A mixes the groups, so it cannot be merged "
+                                     "into the grouped kernel (PEFT refuses to merge it too)")
+        weight_key, bias_key = f"{fqn}.{ws[0].param or 'weight'}", f"{fqn}.bias"
         merged = fold_tensors(ws, kind, sd[weight_key], sd.get(bias_key))
         sd[weight_key] = merged["weight"]
         if "bias" in merged:

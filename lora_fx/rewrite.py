@@ -123,11 +123,25 @@ def _traced_without_gradient(gm: fx.GraphModule, sites: list[g.Site]) -> list[st
     return out
 
 
+def _param_sites(top: g.Scope, specs: dict, inputs: GraphInputs, params: dict[str, torch.Tensor]) -> list[g.Site]:
+    """Sites for LoRA merged into a parameter (``ModuleSpec.param``): the graph's input for it,
+    wherever it is read. A graph without it (a graph break) holds none."""
+    out = []
+    for fqn, spec in specs.items():
+        if spec.param is None:
+            continue
+        path = f"{fqn}.{spec.param}"
+        node = inputs.node_for_tensor(params[path]) if path in params else inputs.node_for_path(path)
+        if node is not None and node.users:
+            out.append(g.Site(node, fqn, "param", top, path))
+    return out
+
+
 def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: GraphInputs,
                   owners: dict[tuple, list[str]] | None, problems: list[str]) -> list[g.Site]:
     """Sites for the targeted linear modules the graph has no linear / Conv1D op of: their module
     boundary (a quantized weight's kernel, see ``graph.find_module_site``). Problems are appended."""
-    lacking = {fqn for fqn, spec in specs.items() if fqn not in found and not spec.embedding}
+    lacking = {fqn for fqn, spec in specs.items() if fqn not in found and not spec.embedding and spec.param is None}
     out = []
     if not lacking:
         return out
@@ -146,6 +160,29 @@ def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: G
                 site.fqn = fqn
                 out.append(site)
     return out
+
+
+def _conv_site_problems(s: g.Site, spec: Any, state: LoraState, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """What a conv site cannot do: PEFT's lora_A is not dilated and pads with zeros; a grouped
+    conv's update is not a grouped kernel (no fold, as PEFT cannot merge it); no mixed batches."""
+    p = []
+    args = s.conv_args()
+    dilation = args["dilation"]
+    if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [dilation])) and \
+            any(k != 1 for k in spec.kernel):
+        p.append(f"{s.fqn}: dilation={dilation}: PEFT's lora_A is not dilated, so its output does not match the "
+                 "base's shape; expected dilation 1")
+    mod = modules.get(s.fqn)
+    if mod is not None and getattr(mod, "padding_mode", "zeros") != "zeros":
+        p.append(f"{s.fqn}: padding_mode={mod.padding_mode!r}: PEFT's lora_A pads with zeros, the base does not; "
+                 "expected padding_mode='zeros'")
+    if spec.groups > 1 and state.mode == "fold":
+        p.append(f"{s.fqn}: groups={spec.groups}: B A mixes the groups, so it cannot be folded into the grouped "
+                 "kernel (PEFT refuses to merge it too); use mode='branch'")
+    if state.mixed:
+        p.append(f"{s.fqn}: mixed-adapter batches over a convolution are not supported; serve one adapter per "
+                 "batch (swap) or leave this module out of the adapters")
+    return p
 
 
 class Feeder:
@@ -197,8 +234,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
 
     for s in sites:
         s.fqn = attribute(s.path, weight_of(s.weight, s.scope), specs, owners)
-    chosen = [s for s in sites if s.fqn in specs]
+    chosen = [s for s in sites if s.fqn in specs and specs[s.fqn].param is None]
     problems: list[str] = []
+    params = {} if model is None else g.named([*model.named_parameters(remove_duplicate=False),
+                                               *model.named_buffers(remove_duplicate=False)])
+    chosen += _param_sites(found_ops.scopes[0], specs, inputs, params)
     chosen += _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs, owners, problems)
     found = {s.fqn for s in chosen}
     for r in found_ops.refused:
@@ -212,6 +252,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
     formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
+    modules = {} if model is None else g.named(model.named_modules(remove_duplicate=False))
     for s in chosen:
         spec = specs[s.fqn]
         if spec.embedding != (s.kind == "embedding"):
@@ -229,12 +270,16 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             problems.append(f"{s.fqn}: DoRA needs the dense weight's row norms, the weight is {fmt}; use plain LoRA")
         if s.kind == "module":
             continue  # its input and output widths were checked where it was found
+        if s.kind == "param" and state.mixed:
+            problems.append(f"{s.fqn}.{spec.param}: mixed-adapter batches cannot merge several adapters into one "
+                            "parameter; serve one adapter per batch (swap)")
+        if s.kind == "conv":
+            problems += _conv_site_problems(s, spec, state, modules)
         out_f, in_f = spec.shape
-        shape = {"linear": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f)}[s.kind]
+        shape = {"linear": (out_f, in_f), "param": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f),
+                 "conv": (out_f, in_f // spec.groups, *spec.kernel)}[s.kind]
         if tuple(w.shape) != shape:
             problems.append(f"{s.fqn}: expected weight shape {shape} for the adapter's A/B, found {tuple(w.shape)}")
-    params = {} if model is None else g.named([*model.named_parameters(remove_duplicate=False),
-                                               *model.named_buffers(remove_duplicate=False)])
     replacements: dict[fx.Node, fx.Node] = {}
     substituted: list[str] = []
     feeder, derived = Feeder(inputs), []

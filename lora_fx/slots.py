@@ -9,6 +9,7 @@ a swap looks like one compiled first.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,12 +78,16 @@ class ModuleSpec:
     embedding: bool
     dora: bool
     lora_bias: bool
+    kernel: tuple[int, ...] = ()  # a conv's kernel size (A is (R, in, *kernel))
+    groups: int = 1  # a conv's groups (B is block-diagonal)
+    param: str | None = None  # LoRA merged into this parameter of the module (LoraWeights.param)
 
     @staticmethod
     def of(ws: list[LoraWeights]) -> ModuleSpec:
         w = ws[0]
         return ModuleSpec((w.lora_b.shape[0], w.lora_a.shape[1]), w.lora_a.dtype, w.embedding,
-                          any(x.magnitude is not None for x in ws), any(x.bias is not None for x in ws))
+                          any(x.magnitude is not None for x in ws), any(x.bias is not None for x in ws),
+                          w.kernel, w.groups, w.param)
 
 
 @dataclass(frozen=True)
@@ -95,15 +100,23 @@ class Layout:
     overrides: frozenset[str]
 
     @staticmethod
-    def of(aset: AdapterSet, max_rank: int | None = None) -> Layout:
-        needed = aset.rank
+    def of(aset: AdapterSet, max_rank: int | None = None, reserve: Sequence[Adapters] = ()) -> Layout:
+        """The layout of ``aset``, widened for the ``reserve`` adapter sets a swap may bring later
+        (their modules, ranks and variants: adapters with other target sets share the graphs)."""
+        later = [AdapterSet(a) for a in reserve]
+        needed = max([aset.rank] + [r.rank for r in later])
         if max_rank is not None and max_rank < needed:
             raise SwapError(f"max_rank: expected at least the adapters' largest rank {needed}, found {max_rank}")
         specs: dict[str, ModuleSpec] = {}
-        for mods in aset.modules:
-            for fqn, ws in mods.items():
-                specs.setdefault(fqn, ModuleSpec.of(ws))
-        return Layout(specs, max_rank or needed, tuple(aset.names), frozenset(aset.overrides))
+        for one in (aset, *later):
+            for mods in one.modules:
+                for fqn, ws in mods.items():
+                    spec = ModuleSpec.of(ws)
+                    have = specs.setdefault(fqn, spec)
+                    specs[fqn] = dataclasses.replace(have, dora=have.dora or spec.dora,
+                                                     lora_bias=have.lora_bias or spec.lora_bias)
+        overrides = frozenset(aset.overrides).union(*(r.overrides for r in later))
+        return Layout(specs, max_rank or needed, tuple(aset.names), overrides)
 
     @property
     def slots(self) -> int:
@@ -119,20 +132,24 @@ class Layout:
             for fqn, ws in mods.items():
                 spec = self.specs.get(fqn)
                 if spec is None:
-                    p.append(f"{fqn}: not in the compiled graphs (a superset of the first adapter's modules); "
-                             "list it in the adapters the backend was built with")
+                    p.append(f"{fqn}: not in the compiled graphs (built for the first adapter's modules); "
+                             "pass this adapter in lora_fx.backend(..., reserve=[...]) to compile for it too")
                     continue
                 new = ModuleSpec.of(ws)
-                if mode == "branch" and new.dora != spec.dora:
-                    p.append(f"{fqn}: DoRA and plain LoRA compile differently; expected "
-                             f"{'DoRA' if spec.dora else 'plain LoRA'} here")
+                if mode == "branch" and new.dora and not spec.dora:
+                    p.append(f"{fqn}: DoRA needs terms the compiled graph lacks (it was built for plain LoRA here); "
+                             "build the backend with it (or in reserve=)")
                 if new.lora_bias and not spec.lora_bias:
                     p.append(f"{fqn}: lora_bias needs a bias the compiled graph lacks; build the backend with it")
                 if new.embedding != spec.embedding:
                     want, got = ("embedding", "linear") if spec.embedding else ("linear", "embedding")
                     p.append(f"{fqn}: expected {want} LoRA tensors, found {got}")
-                if new.shape != spec.shape:
-                    p.append(f"{fqn}: expected LoRA for (out, in) = {spec.shape}, found {new.shape}")
+                if new.param != spec.param:
+                    p.append(f"{fqn}: expected LoRA on {spec.param or 'the module output'}, found it on "
+                             f"{new.param or 'the module output'}")
+                if (new.shape, new.kernel, new.groups) != (spec.shape, spec.kernel, spec.groups):
+                    p.append(f"{fqn}: expected LoRA for (out, in) = {spec.shape}, kernel {spec.kernel}, groups "
+                             f"{spec.groups}; found {new.shape}, kernel {new.kernel}, groups {new.groups}")
         p += [f"{path}: the new adapter replaces this tensor, the compiled graphs do not"
               for path in sorted(set(aset.overrides) - self.overrides)]
         return p

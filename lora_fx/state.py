@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter
-from .errors import StaleWeightError, SwapError, raise_if
+from .adapter import Adapter, grouped_b
+from .errors import AdapterConfigError, StaleWeightError, SwapError, raise_if
 from .originals import OriginalStore
 from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
-from .tensors import IDENTITY, as_out_in, dora_coefficients, fold_tensors, lora_bias, padded_ab, rank_scale
+from .tensors import IDENTITY, as_out_in, dora_coefficients, dora_delta, fold_tensors, lora_bias, padded_ab, rank_scale
 
 
 def stamp(tensors: Sequence[torch.Tensor | None]) -> tuple:
@@ -63,10 +63,11 @@ class LoraState:
         adapters: an Adapter or list (summed; one slot), or a mapping name -> Adapter or list
             (mixed batches; one slot per name, slot 0 the base model).
         mode: "branch" or "fold". max_rank: branch mode's rank budget. inplace: fold into the
-            model's own weights.
+            model's own weights. reserve: adapter sets a later swap may bring (see ``Layout.of``).
     """
 
-    def __init__(self, adapters: Adapters, mode: str, max_rank: int | None = None, inplace: bool = False):
+    def __init__(self, adapters: Adapters, mode: str, max_rank: int | None = None, inplace: bool = False,
+                 reserve: Sequence[Adapters] = ()):
         if mode not in ("branch", "fold"):
             raise ValueError(f"mode: expected 'branch' or 'fold', found {mode!r}")
         if inplace and mode != "fold":
@@ -76,7 +77,7 @@ class LoraState:
         if self.adapters.mixed and mode != "branch":
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
                             "(one folded weight cannot hold several adapters)")
-        self.layout = Layout.of(self.adapters, max_rank)
+        self.layout = Layout.of(self.adapters, max_rank, reserve)
         self.multiplier, self.enabled = 1.0, True
         self.generation = 0  # settings and adapters: bumped by every update
         self.changes = 0  # bumped whenever a derived set gets new tensors
@@ -102,7 +103,8 @@ class LoraState:
     def _initial_ab(self, fqn: str, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of ``slots`` as the adapters hold them (stacked behind a zero slot when mixed)."""
         spec, rank = self.layout.specs[fqn], self.layout.rank
-        pairs = [padded_ab(self.adapters.weights(k, fqn), rank, spec.shape, spec.dtype, spec.embedding) for k in slots]
+        pairs = [padded_ab(self.adapters.weights(k, fqn), rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)
+                 for k in slots]
         if not self.mixed:
             return pairs[0]
         zero = tuple(torch.zeros_like(t) for t in pairs[0])
@@ -138,11 +140,29 @@ class LoraState:
         self.device = device
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """Branch mode's A and B, module by module; asking for them turns their gradients on."""
+        """Branch mode's A and B, module by module; asking for them turns their gradients on.
+
+        A grouped conv's B is held dense (block-diagonal); its gradient is masked to the blocks, so
+        training keeps it grouped, as PEFT's grouped lora_B is."""
+        refused = [f"{a.name or 'adapter'}: {a.config.inference_only}" for slot in self.adapters.slots for a in slot
+                   if a.config.inference_only]
+        raise_if(refused, AdapterConfigError, "cannot train these adapters: their eval forward is LoRA, their "
+                 "training is not; lora_fx applies them for inference only:")
         params = [p for t in self.trainable.values() for p in t.values()]
         for p in params:
             p.requires_grad_(True)
+        for fqn, t in self.trainable.items():
+            b = t["lora_b"]
+            if self.layout.specs[fqn].groups > 1 and not getattr(b, "_lora_fx_masked", False):
+                b.register_hook(lambda grad, fqn=fqn: grad * self._b_blocks(fqn).to(grad))
+                b._lora_fx_masked = True
         return params
+
+    def _b_blocks(self, fqn: str) -> torch.Tensor:
+        """1 where a grouped conv's dense B may be non-zero (the blocks of the slot's adapters), else 0."""
+        ws = [dataclasses.replace(w, lora_b=torch.ones_like(w.lora_b)) for w in self.adapters.weights(0, fqn)]
+        spec = self.layout.specs[fqn]
+        return padded_ab(ws, self.layout.rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)[1]
 
     def held(self) -> list[torch.Tensor]:
         """Every tensor lora_fx holds besides the model's own (A / B and the derived tensors)."""
@@ -159,8 +179,9 @@ class LoraState:
             for fqn, w in adapter.modules.items():
                 t, at = self.trainable[fqn], offsets[fqn]
                 a = t["lora_a"].T if w.embedding else t["lora_a"]
+                b = grouped_b(t["lora_b"][:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
-                                                lora_b=t["lora_b"][:, at:at + w.rank].detach().cpu().clone())
+                                                lora_b=b.detach().cpu().clone())
                 offsets[fqn] = at + w.rank
             out.append(dataclasses.replace(adapter, modules=mods))
         return out
@@ -255,8 +276,9 @@ class LoraState:
             if spec.dora and any(w.magnitude is not None for w in ws):
                 a, b = (ab["lora_a"][k + 1], ab["lora_b"][k + 1]) if self.mixed else (ab["lora_a"], ab["lora_b"])
                 dev = weight.device
+                delta = dora_delta(a, b, c["scale"].to(dev), d.kind, ws[0].rank, spec.groups)
                 c["dora_scale"], c["dora_bias"] = dora_coefficients(
-                    as_out_in(weight, d.kind), bias, a, b, c["scale"].to(dev), ws[0].magnitude.to(dev))
+                    as_out_in(weight, d.kind), bias, delta, ws[0].magnitude.to(dev))
             per_slot.append(c)
         for role, t in d.tensors.items():
             values = [c.get(role) for c in per_slot]

@@ -16,6 +16,7 @@ from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .errors import AdapterConfigError
 
 ALL_LINEAR = "all-linear"
+CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def _matches_list(patterns: Iterable[str], fqn: str) -> bool:
@@ -110,6 +111,20 @@ def linear_like_types() -> tuple[type, ...]:
     return (*types, Conv1D)
 
 
+def module_kind(mod: torch.nn.Module) -> str | None:
+    """How lora_fx applies LoRA to ``mod``: "embedding", "linear" (nn.Linear and linear-like
+    quantized modules), "conv1d" (transformers' Conv1D, weight (in, out)), "conv" (nn.Conv1d /
+    2d / 3d), or None (not supported)."""
+    if isinstance(mod, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(mod, CONV_TYPES):
+        return "conv"
+    linear = linear_like_types()
+    if isinstance(mod, linear):
+        return "linear" if isinstance(mod, torch.nn.Linear) else "conv1d"
+    return None
+
+
 def resolve_target_modules(config: LoraConfig, model: torch.nn.Module) -> str | list[str]:
     """Turn "all-linear" and None into the concrete target list PEFT would use on ``model``.
 
@@ -124,6 +139,8 @@ def resolve_target_modules(config: LoraConfig, model: torch.nn.Module) -> str | 
             head = get_head()
         kinds = linear_like_types()
         return sorted(n for n, m in model.named_modules() if isinstance(m, kinds) and m is not head and n)
+    if targets is None and config.target_parameters:
+        return []  # LoRA on parameters only
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:

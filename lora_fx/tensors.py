@@ -3,8 +3,9 @@
 Branch mode, per module and slot (adapters summed into one slot are concatenated along the rank
 and padded to the rank budget R):
 
-    lora_a     (R, in)    A's rows; embeddings keep A transposed, (vocab, R), for a lookup
-    lora_b     (out, R)   B's columns
+    lora_a     (R, in)    A's rows; embeddings keep A transposed, (vocab, R), for a lookup;
+                          convs keep A's kernel, (R, in, *k)
+    lora_b     (out, R)   B's columns; convs (out, R, *1), a grouped B made dense
     scale      (R,)       each rank's scale (0 in padding), times the global multiplier
     lora_bias  (out,)     sum of scale * lora_B.bias                     (lora_bias adapters)
     dora_scale (out,)     m / ||W + (B * scale) A||, per row             (DoRA)
@@ -20,27 +21,39 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import LoraWeights
+from .adapter import LoraWeights, dense_b, grouped_b
 
 IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coefficient's value when unused
 
 
 def as_out_in(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The op's weight in (out, in) layout: Conv1D stores (in, out), Linear (out, in)."""
-    return weight.T if kind == "conv1d" else weight
+    """The op's weight as an (out, in) matrix, the layout B A has: Conv1D and Embedding store
+    (in, out) / (vocab, dim) and are transposed; a conv kernel (out, in / groups, *k) is flattened."""
+    if kind in ("conv1d", "embedding"):
+        return weight.T
+    return weight.flatten(1) if kind == "conv" else weight
 
 
-def padded_ab(ws: list[LoraWeights], rank: int, shape: tuple[int, int], dtype: torch.dtype,
-              embedding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (R, in) and B (out, R) of the summed adapters ``ws``, zero-padded to ``rank``.
+def from_out_in(matrix: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`as_out_in`: ``matrix`` in the layout of ``like``, the op's weight."""
+    if kind in ("conv1d", "embedding"):
+        return matrix.T
+    return matrix.reshape(like.shape) if kind == "conv" else matrix
+
+
+def padded_ab(ws: list[LoraWeights], rank: int, shape: tuple[int, int], kernel: tuple[int, ...],
+              dtype: torch.dtype, embedding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (R, in, *k) and B (out, R, *1) of the summed adapters ``ws``, zero-padded to ``rank``
+    (a grouped conv's B made dense, block-diagonal). ``shape``: (out, in); ``kernel``: a conv's.
 
     Embeddings: A is returned transposed, (vocab, R), the layout of a lookup.
     """
     out_f, in_f = shape
-    a, b = torch.zeros(rank, in_f, dtype=dtype), torch.zeros(out_f, rank, dtype=dtype)
+    a = torch.zeros(rank, in_f, *kernel, dtype=dtype)
+    b = torch.zeros(out_f, rank, *(1,) * len(kernel), dtype=dtype)
     at = 0
     for w in ws:
-        a[at:at + w.rank], b[:, at:at + w.rank] = w.lora_a, w.lora_b
+        a[at:at + w.rank], b[:, at:at + w.rank] = w.lora_a, dense_b(w.lora_b, w.groups)
         at += w.rank
     return (a.T.contiguous() if embedding else a), b
 
@@ -63,16 +76,31 @@ def lora_bias(ws: list[LoraWeights], multiplier: float, out_f: int, dtype: torch
     return total
 
 
-def dora_coefficients(weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                      scale: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DoRA's per-row m / ||W + (B * scale) A|| and (1 - that) * bias, from the current A and B.
+def dora_delta(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, kind: str, rank: int = 0,
+               groups: int = 1) -> torch.Tensor:
+    """The (out, in) matrix DoRA's norm adds to the weight, from the tensors the graph reads: A
+    (R, in, *k) (embeddings: (vocab, R)), B (out, R, *1) dense, ``scale`` (R,).
 
-    ``a`` (R, in), ``b`` (out, R), ``scale`` (R,) are what the graph reads, so a trained A / B is
-    what the norm sees, as PEFT computes it from its current weights (detached).
+    A grouped conv follows PEFT's formula, ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the
+    weight's shape, on lora_B in its grouped layout (``rank``: the adapter's r, ``groups``).
+    """
+    a, b, scale = a.detach().float(), b.detach().float(), scale.detach().float()
+    if kind == "conv" and groups > 1:
+        native = grouped_b(b[:, :rank], groups)
+        return scale[0] * (native.reshape(-1, rank) @ a[:rank].reshape(rank, -1)).reshape(b.shape[0], -1)
+    a_m = a.T if kind == "embedding" else a.flatten(1)
+    return (b.flatten(1) * scale) @ a_m
+
+
+def dora_coefficients(weight_oi: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor,
+                      magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DoRA's per-output m / ||W + delta|| and (1 - that) * bias (``delta``: :func:`dora_delta`).
+
+    Computed from the current A and B, so a trained A / B is what the norm sees, as PEFT computes it
+    from its current weights (detached).
     """
     w = weight_oi.detach()
-    merged = w.float() + (b.detach().float() * scale.float()) @ a.detach().float()
-    ds = (magnitude.float() / torch.linalg.norm(merged, dim=1)).to(w.dtype)
+    ds = (magnitude.float().reshape(-1) / torch.linalg.norm(w.float() + delta, dim=1)).to(w.dtype)
     return ds, (None if bias is None else (1 - ds) * bias.detach())
 
 
@@ -87,13 +115,13 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
         delta = w.delta_weight() * multiplier
         if w.magnitude is not None:
             merged = w_oi + delta
-            w_oi = (w.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+            w_oi = (w.magnitude.float().reshape(-1) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
         else:
             w_oi = w_oi + delta
         if w.bias is not None:
             extra = w.scale * multiplier * w.bias.float()
             new_bias = extra if new_bias is None else new_bias + extra
-    out = {"weight": as_out_in(w_oi, kind).to(weight.dtype).contiguous()}
+    out = {"weight": from_out_in(w_oi, kind, weight).to(weight.dtype).contiguous()}
     if any(w.bias is not None for w in ws):
         out["bias"] = new_bias.to(weight.dtype)
     return out

@@ -98,9 +98,10 @@ def test_non_lora_peft_type_is_named(tmp_path):
         lora_fx.load_adapter(write(tmp_path, config={**CONFIG, "peft_type": "IA3"}))
 
 
-def test_dora_on_embeddings_is_refused(tmp_path):
+def test_dora_on_embeddings_needs_its_magnitude(tmp_path):
+    # DoRA on embeddings is supported (tests/test_peft_matrix.py); without its magnitude it is refused
     ids = {"base_model.model.emb.lora_embedding_A": torch.randn(2, 5),
            "base_model.model.emb.lora_embedding_B": torch.randn(3, 2)}
     cfg = {**CONFIG, "target_modules": ["emb"], "use_dora": True}
-    with pytest.raises(lora_fx.AdapterWeightsError, match="DoRA on embeddings"):
+    with pytest.raises(lora_fx.AdapterWeightsError, match="emb: expected lora_magnitude_vector"):
         lora_fx.load_adapter(write(tmp_path, config=cfg, tensors=ids))

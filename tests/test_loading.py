@@ -68,11 +68,16 @@ def test_wrong_json_types_listed_together(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("use_qalora", True), ("layer_replication", [[0, 1]]),
-                                         ("alora_invocation_tokens", [1, 2]), ("target_parameters", ["w"]),
+                                         ("alora_invocation_tokens", [1, 2]), ("kasa_config", {"beta": 1e-4}),
                                          ("trainable_token_indices", [1]), ("peft_type", "LOHA")])
 def test_refused_variant_names_field(tmp_path, field, value):
     with pytest.raises(AdapterConfigError, match=field):
         lora_fx.load_adapter(write(tmp_path, config={**CONFIG, field: value}))
+
+
+def test_target_parameters_without_tensors_is_named(tmp_path):
+    with pytest.raises(lora_fx.AdapterWeightsError, match="target_parameters entry 'head.weight': expected LoRA"):
+        lora_fx.load_adapter(write(tmp_path, config={**CONFIG, "target_parameters": ["head.weight"]}))
 
 
 def test_unknown_fields_ignored(tmp_path):

@@ -77,7 +77,7 @@ def test_swap_refusals_say_what_to_pass(tmp_path, mode):
     assert "model.layers.0.self_attn.k_proj: not in the compiled graphs" in text
     if mode == "branch":
         assert "pass max_rank=8" in text
-        with pytest.raises(SwapError, match="DoRA and plain LoRA compile differently"):
+        with pytest.raises(SwapError, match="DoRA needs terms the compiled graph lacks"):
             be.swap(lora_fx.load_adapter(dora))
 
 

@@ -6,6 +6,11 @@ For a linear / Conv1D site y = x W^T + b (x: [..., in], y: [..., out]):
     y' = dora_scale * (y + (scale * (x A^T)) B^T) + dora_bias   (DoRA)
 
 For an embedding site y = W[idx]: y' = y + (scale * A^T[idx]) B^T, with A^T stored (vocab, R).
+For a parameter site (LoRA merged into a parameter W read by any op): W' = W + (B * scale) A in
+the graph, read by every op that read W.
+For a conv site (x: [N, in, *spatial]): y' = y + conv1x1(scale * conv(x, A), B) + lora_bias, A
+(R, in, *k) with the base's stride and padding, B (out, R, *1), the 1x1 conv written as a linear
+map over the channel dim; per-channel terms broadcast over the spatial dims.
 The update is computed in the adapter's dtype and cast back to y's dtype, as PEFT does.
 
 How the update is written depends on what the graph's fake values tell (x flattened to M tokens):
@@ -91,6 +96,32 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
     return out
 
 
+def _conv_dims(site: Site) -> int:
+    """How many spatial dims a conv site has."""
+    meta, stride = tensor_meta(site.node), site.conv_args()["stride"]
+    return meta.dim() - 2 if meta is not None else len(stride)
+
+
+def _conv_update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, dims: int) -> fx.Node:
+    """y + B(A(x)) for a conv site, as PEFT's lora_B(lora_A(x)): A runs with the base's stride and
+    padding (dilation 1, groups 1), the scale per rank channel, B as a 1x1 conv with lora_bias."""
+    args = site.conv_args()
+    h = site.conv_call(graph, _cast(graph, site.x, lora_dtype), t["lora_a"], None,
+                       stride=args["stride"], padding=args["padding"], dims=dims)
+    h = call(graph, aten.mul.Tensor, (h, _channels(graph, t["scale"], dims)))
+    # B as a 1x1 conv is a linear map over the channel dim: channels last, linear, channels back
+    last = call(graph, aten.permute.default, (h, [0, *range(2, dims + 2), 1]))
+    b = call(graph, aten.flatten.using_ints, (t["lora_b"], 1))  # (out, R)
+    d = call(graph, aten.linear.default, (last, b, t.get("lora_bias")))
+    d = call(graph, aten.permute.default, (d, [0, dims + 1, *range(1, dims + 1)]))
+    return call(graph, aten.add.Tensor, (_cast(graph, site.node, lora_dtype), d))
+
+
+def _channels(graph: fx.Graph, v: fx.Node, dims: int) -> fx.Node:
+    """A per-channel vector (C,) viewed as (C, *1) to broadcast over a conv's spatial dims."""
+    return call(graph, aten.view.default, (v, [-1] + [1] * dims))
+
+
 def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fuse_tokens: int = 0) -> fx.Node:
     """Add the update after ``site``'s op (in the graph that holds it) and route the op's users to it;
     returns the new output."""
@@ -98,7 +129,12 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
     users = list(y.users)
     meta = tensor_meta(y)
     with graph.inserting_before(y.next):
-        if meta is not None and meta.dim() >= 2 and torch.promote_types(meta.dtype, lora_dtype) == lora_dtype:
+        dora = {k: t[k] for k in ("dora_scale", "dora_bias") if k in t}
+        if site.kind == "conv":
+            dims = _conv_dims(site)
+            out = _conv_update(graph, site, t, lora_dtype, dims)
+            dora = {k: _channels(graph, v, dims) for k, v in dora.items()}
+        elif meta is not None and meta.dim() >= 2 and torch.promote_types(meta.dtype, lora_dtype) == lora_dtype:
             m = _tokens(site)
             out = _update(graph, site, t, lora_dtype, fused=m is not None and m <= fuse_tokens)
         else:
@@ -109,14 +145,27 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
             h = call(graph, aten.mul.Tensor, (h, t["scale"]))
             d = call(graph, aten.linear.default, (h, t["lora_b"], t.get("lora_bias")))  # [..., out]
             out = call(graph, aten.add.Tensor, (y, d))
-        if "dora_scale" in t:
-            out = call(graph, aten.mul.Tensor, (out, t["dora_scale"]))
-            if "dora_bias" in t:
-                out = call(graph, aten.add.Tensor, (out, t["dora_bias"]))
+        if "dora_scale" in dora:
+            out = call(graph, aten.mul.Tensor, (out, dora["dora_scale"]))
+            if "dora_bias" in dora:
+                out = call(graph, aten.add.Tensor, (out, dora["dora_bias"]))
         out = _restore_dtype(graph, out, y, lora_dtype)
     for user in users:
         user.replace_input_with(y, out)
     return out
+
+
+def insert_param_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype) -> fx.Node:
+    """LoRA merged into a parameter in the graph: every op that read W reads W + (B * scale) A
+    (PEFT's ParamWrapper and MultiheadAttention merge it the same way); returns W'."""
+    graph, w = site.graph, site.node
+    first = next(n for n in graph.nodes if n in w.users)
+    with graph.inserting_before(first):
+        b = call(graph, aten.mul.Tensor, (t["lora_b"], t["scale"]))  # (out, R) * (R,)
+        delta = _restore_dtype(graph, call(graph, aten.mm.default, (b, t["lora_a"])), w, lora_dtype)
+        new = call(graph, aten.add.Tensor, (w, delta))
+    site.set_weight(new)
+    return new
 
 
 def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict[str, fx.Node], torch.dtype]],
@@ -124,5 +173,8 @@ def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict
     """Insert the LoRA branch at every site; ``tensors(site)`` gives its input nodes and dtype."""
     for site in sites:
         nodes, dtype = tensors(site)
-        insert_lora_branch(site, nodes, dtype, fuse_tokens)
+        if site.kind == "param":
+            insert_param_branch(site, nodes, dtype)
+        else:
+            insert_lora_branch(site, nodes, dtype, fuse_tokens)
     return len(sites)
