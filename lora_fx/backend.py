@@ -101,13 +101,24 @@ class LoraBackend:
         watch_recompile_limit()
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Name the model the adapter applies to (found from the call stack otherwise).
+        """Name the model the adapter applies to (found from the call stack otherwise) and, in
+        branch mode, make A and B parameters of their modules (``lora_fx_A`` / ``lora_fx_B``).
+
+        Call it before ``fully_shard``: FSDP2 then shards A and B with their layer and reduces
+        their gradients like any parameter; ``be.parameters()`` gives the sharded parameters,
+        each compiled call reads the module's current (gathered) tensors, and
+        ``trained_adapter()`` gathers the full ones (a collective: call it on every rank). The
+        model's ``state_dict`` then holds A and B too.
 
         Raises:
-            ModelMismatchError: the model lacks a module the adapter names.
+            GraphRewriteError: the model lacks a module the adapter names; it is already sharded;
+                fold mode, mixed batches, DoRA or a grouped conv (see ``LoraState.attach``).
         """
         self.model = model
         self._check_model(model)
+        if self.state.mode == "branch":
+            with self.lock:
+                self.state.attach(model, g.named(model.named_modules()))
         return model
 
     def _check_model(self, model: torch.nn.Module) -> None:
@@ -129,9 +140,10 @@ class LoraBackend:
         self.reports.append(done.report)
         self._seen |= set(done.report.modules) | set(done.report.substituted)
         extra = tuple(inputs.extra)
-        trainable = {id(p) for t in state.trainable.values() for p in t.values()}
+        trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
         compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
-        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward)
+        live = {i: state.sources[id(t)] for i, t in enumerate(extra) if id(t) in state.sources}
+        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -224,13 +236,15 @@ class LoraBackend:
 
 
 def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
-          no_backward: Sequence[str] = ()) -> Callable:
+          no_backward: Sequence[str] = (), live: dict | None = None) -> Callable:
     """The function dynamo calls for one graph: bring what it reads up to date, then run it.
 
     ``extra`` are the tensors appended to every call; those that belong to a derived set are
     looked up again whenever a set was recomputed (into new tensors), the rest (A, B, the
     selection) are passed as they are. ``no_backward``: modules traced without a backward
     (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
+    ``live``: positions in ``extra`` read from a module attribute at each call (attached A / B,
+    which FSDP2 swaps between its sharded and gathered forms).
     """
     owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
     slots = [owner.get(id(t), (None, t)) for t in extra]
@@ -253,7 +267,10 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
                 state.place(device)
             if batch is not None and state.selection is not None:
                 _check_batch(batch, args, state.selection.count)
-            return compiled(*args, *current[0])
+            tensors = current[0]
+            if live:
+                tensors = tuple(getattr(*live[i]) if i in live else t for i, t in enumerate(tensors))
+            return compiled(*args, *tensors)
 
     return run
 

@@ -19,6 +19,8 @@ def quant_format(weight: object) -> str | None:
     """
     if not isinstance(weight, torch.Tensor):
         return None
+    if hasattr(weight, "device_mesh") and hasattr(weight, "to_local"):  # a DTensor: sharded, not quantized
+        return quant_format(weight.to_local())
     cls = type(weight).__name__
     if cls == "Params4bit":
         state = getattr(weight, "quant_state", None)

@@ -32,10 +32,56 @@ from .originals import OriginalStore
 from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
 from .tensors import IDENTITY, as_out_in, dora_coefficients, dora_delta, fold_tensors, lora_bias, padded_ab, rank_scale
 
+ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B"}  # A / B's names on their modules once attached
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter; a collective for a DTensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor ``full`` into ``param``, each rank its own shard when it is a DTensor."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            # every rank holds the same full tensor: each takes its shard without communicating
+            param.copy_(distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None))
+        else:
+            param.copy_(full)
+
+
+def _lora_placements(fqn: str, weight: torch.Tensor, spec: ModuleSpec) -> tuple[tuple, tuple]:
+    """A's and B's placements for a tensor-parallel base weight (see ``LoraState._settle``)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from .errors import GraphRewriteError
+
+    rep = tuple(Replicate() for _ in weight.placements)
+    if spec.embedding or spec.kernel or len(weight.placements) != 1:
+        what = "an embedding" if spec.embedding else "a conv" if spec.kernel else "a multi-dimensional mesh"
+        raise GraphRewriteError(f"{fqn}: tensor parallel over {what} is not supported; expected a Linear with "
+                                "ColwiseParallel or RowwiseParallel")
+    pl = weight.placements[0]
+    if pl == Shard(0):
+        return rep, (Shard(0),)
+    if pl == Shard(1):
+        return (Shard(1),), rep
+    if pl == Replicate():
+        return rep, rep
+    raise GraphRewriteError(f"{fqn}: its weight is laid out as {weight.placements}; expected Shard(0) (colwise), "
+                            "Shard(1) (rowwise) or Replicate() for the adapter to follow")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
 
 def stamp(tensors: Sequence[torch.Tensor | None]) -> tuple:
     """What identifies the contents of ``tensors``: version counters and storage addresses."""
-    return tuple((t._version, t.data_ptr()) for t in tensors if t is not None)
+    return tuple((_local(t)._version, _local(t).data_ptr()) for t in tensors if t is not None)
 
 
 class Derived:
@@ -87,16 +133,88 @@ class LoraState:
         self.originals = OriginalStore() if inplace else None
         self.device: torch.device | None = None  # where A / B (and the selection) live
         # branch: A and B exist before any graph, so an optimizer can be built first
-        self.trainable: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._own: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self.attached: dict[str, torch.nn.Module] = {}  # see attach()
+        self.sources: dict[int, tuple[torch.nn.Module, str]] = {}  # a graph's A / B -> where a call reads it
         if mode == "branch":
             for fqn in self.layout.specs:
                 a, b = self._initial_ab(fqn, range(self.layout.slots))
-                self.trainable[fqn] = {"lora_a": torch.nn.Parameter(a, requires_grad=False),
-                                       "lora_b": torch.nn.Parameter(b, requires_grad=False)}
+                self._own[fqn] = {"lora_a": torch.nn.Parameter(a, requires_grad=False),
+                                  "lora_b": torch.nn.Parameter(b, requires_grad=False)}
 
     @property
     def mixed(self) -> bool:
         return self.adapters.mixed
+
+    @property
+    def trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """Module fqn -> its A and B as they are now: lora_fx's own parameters, or once attached,
+        the module's (a distributed wrapper may have replaced them with sharded ones)."""
+        if not self.attached:
+            return self._own
+        self._settle()
+        return {fqn: {role: getattr(self.attached[fqn], attr) for role, attr in ATTACHED.items()}
+                for fqn in self._own}
+
+    def _settle(self) -> None:
+        """Tensor parallel: once ``parallelize_module`` sharded a module's weight, lay its A and B
+        out as the op needs them (colwise weight Shard(0): A replicated, B Shard(0); rowwise
+        Shard(1): A Shard(1), B replicated), so DTensor computes the branch on each rank's shard
+        and reduces it with the base's partial output. FSDP2's shards are left to FSDP2."""
+        if self._fsdp:
+            return
+        for fqn, mod in self.attached.items():
+            w = getattr(mod, "weight", None)
+            if not hasattr(w, "device_mesh"):
+                continue
+            if any(type(m).__name__.startswith("FSDP") for m in self._model.modules()):
+                self._fsdp = True
+                return
+            for attr, placements in zip(ATTACHED.values(), _lora_placements(fqn, w, self.layout.specs[fqn])):
+                p = getattr(mod, attr)
+                if getattr(p, "placements", None) == placements and getattr(p, "device_mesh", None) == w.device_mesh:
+                    continue
+                from torch.distributed.tensor import distribute_tensor
+
+                new = distribute_tensor(_full(p).detach(), w.device_mesh, placements, src_data_rank=None)
+                mod.register_parameter(attr, torch.nn.Parameter(new, requires_grad=p.requires_grad))
+
+    def attach(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+        """Register A and B as parameters of their modules (``lora_fx_A`` / ``lora_fx_B``), so the
+        model's own machinery manages them: FSDP2 shards them and reduces their gradients, the
+        optimizer sees the sharded parameters, and each compiled call reads the module's current
+        (unsharded) tensors. Must come before the model is wrapped.
+
+        Raises:
+            GraphRewriteError: fold mode or mixed batches; DoRA or a grouped conv (their
+                derived tensors need the full A / B on every rank); a module already sharded.
+        """
+        from .errors import GraphRewriteError
+
+        problems = []
+        if self.mode != "branch" or self.mixed:
+            problems.append("attach: expected a branch-mode backend with one adapter set (fold mode has nothing to "
+                            "train; its W' follows the base weight wherever it lives)")
+        for fqn in self._own:
+            spec, mod = self.layout.specs[fqn], modules.get(fqn)
+            if mod is None:
+                problems.append(f"{fqn}: the model has no such module")
+                continue
+            if spec.dora or spec.groups > 1:
+                problems.append(f"{fqn}: {'DoRA' if spec.dora else 'a grouped conv'} cannot be attached (its "
+                                "derived tensors need the full A and B on every rank)")
+            if any(type(t).__name__ == "DTensor" for t in mod.parameters(recurse=False)) or \
+                    type(model).__name__.startswith("FSDP"):
+                problems.append(f"{fqn}: its module is already sharded (FSDP2 / tensor parallel); call "
+                                "be.attach(model) before fully_shard / parallelize_module")
+        raise_if(problems, GraphRewriteError, "cannot attach the adapter to this model:")
+        self._model, self._fsdp = model, False
+        for fqn, t in self._own.items():
+            mod = modules[fqn]
+            for role, attr in ATTACHED.items():
+                if getattr(mod, attr, None) is not t[role]:
+                    mod.register_parameter(attr, t[role])
+            self.attached[fqn] = mod
 
     # -- A and B ------------------------------------------------------------------------------
 
@@ -116,8 +234,8 @@ class LoraState:
         for fqn, t in self.trainable.items():
             a, b = self._initial_ab(fqn, slots if self.mixed else [0])
             if not self.mixed:
-                t["lora_a"].copy_(a)
-                t["lora_b"].copy_(b)
+                _copy_full(t["lora_a"], a)
+                _copy_full(t["lora_b"], b)
                 continue
             spec = self.layout.specs[fqn]
             for i, k in enumerate(slots):
@@ -132,7 +250,7 @@ class LoraState:
         """Keep A, B and the selection on the model's device (the parameters stay the same objects)."""
         if self.device == device:
             return
-        for t in self.trainable.values():
+        for t in ({} if self.attached else self._own).values():  # attached: the model moves them
             for p in t.values():
                 p.data = p.data.to(device)
         if self.selection is not None:
@@ -178,8 +296,9 @@ class LoraState:
             mods = {}
             for fqn, w in adapter.modules.items():
                 t, at = self.trainable[fqn], offsets[fqn]
-                a = t["lora_a"].T if w.embedding else t["lora_a"]
-                b = grouped_b(t["lora_b"][:, at:at + w.rank], w.groups)
+                full_a, full_b = _full(t["lora_a"]), _full(t["lora_b"])
+                a = full_a.T if w.embedding else full_a
+                b = grouped_b(full_b[:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
                                                 lora_b=b.detach().cpu().clone())
                 offsets[fqn] = at + w.rank
@@ -204,9 +323,26 @@ class LoraState:
         if self.mode == "fold":
             return d.tensors, d
         self.place(weight.device)
-        return {**self.trainable[fqn], **d.tensors}, d
+        ab = self.trainable[fqn]
+        if fqn in self.attached:
+            for role, attr in ATTACHED.items():
+                self.sources[id(ab[role])] = (self.attached[fqn], attr)
+        return {**ab, **d.tensors}, d
 
     def _allocate(self, spec: ModuleSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        t = self._allocate_local(spec, weight, bias)
+        if not hasattr(weight, "device_mesh"):
+            return t
+        # a tensor-parallel weight: what the graph combines with its DTensors is a DTensor too
+        from torch.distributed.tensor import DTensor, Replicate
+
+        rep = [Replicate()] * weight.device_mesh.ndim
+        mesh = weight.device_mesh
+        return {role: v if hasattr(v, "device_mesh") else DTensor.from_local(v, mesh, rep, run_check=False)
+                for role, v in t.items()}
+
+    def _allocate_local(self, spec: ModuleSpec, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
         lead = (self.layout.slots + 1,) if self.mixed else ()
         out_f, kw = spec.shape[0], dict(device=weight.device)
         if self.mode == "fold":
@@ -261,10 +397,10 @@ class LoraState:
     def _refresh_fold(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         m = self._multiplier
         fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, weight, bias, m)
-        d.tensors["weight"].copy_(fresh["weight"])
+        _copy_full(d.tensors["weight"], fresh["weight"])  # tensor parallel: each rank keeps its shard
         if "bias" in d.tensors:  # lora_bias: the merged bias; while off, the base's (or none: zeros)
             new_bias = fresh.get("bias", bias)
-            d.tensors["bias"].copy_(new_bias) if new_bias is not None else d.tensors["bias"].zero_()
+            _copy_full(d.tensors["bias"], _full(new_bias)) if new_bias is not None else d.tensors["bias"].zero_()
 
     def _refresh_branch(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         spec, m, rank = self.layout.specs[d.key], self._multiplier, self.layout.rank
@@ -289,7 +425,7 @@ class LoraState:
                 for k, v in enumerate(values):
                     t[k + 1].copy_(v)
             else:
-                t.copy_(values[0])
+                _copy_full(t, values[0])
 
     def _refresh_in_place(self, d: Derived) -> None:
         weight, bias = d.base

@@ -106,8 +106,11 @@ def dora_coefficients(weight_oi: torch.Tensor, bias: torch.Tensor | None, delta:
 
 def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                  multiplier: float = 1.0) -> dict[str, torch.Tensor]:
-    """Fold-mode tensors of one module: the merged weight (op layout) and, if changed, bias."""
-    weight = weight.detach()
+    """Fold-mode tensors of one module: the merged weight (op layout) and, if changed, bias.
+
+    A sharded (DTensor) weight is gathered first: the result is the whole merged tensor."""
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    weight, bias = full(weight.detach()), None if bias is None else full(bias.detach())
     ws = [w.to(weight.device) for w in ws]
     w_oi = as_out_in(weight, kind).float()
     new_bias = None if bias is None else bias.detach().float()
