@@ -15,6 +15,7 @@ from .errors import (
     SwapError,
 )
 from .loading import init_adapter, load_adapter
+from .package import LoraPackage, export, load_package
 from .reference import apply_lora, lora_forward, merged_state_dict
 from .rewrite import RewriteConfig, RewriteReport, rewrite
 
@@ -26,6 +27,7 @@ __all__ = [
     "LoraBackend",
     "LoraConfig",
     "LoraFxError",
+    "LoraPackage",
     "LoraWeights",
     "ModelMismatchError",
     "RecompileLimitError",
@@ -35,9 +37,11 @@ __all__ = [
     "SwapError",
     "apply_lora",
     "backend",
+    "export",
     "init_adapter",
     "load_adapter",
     "load_diffusers_lora",
+    "load_package",
     "lora_forward",
     "merged_state_dict",
     "rewrite",

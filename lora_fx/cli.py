@@ -1,4 +1,5 @@
-"""The ``lora-fx`` command: inspect an adapter, merge adapters into a model, run the benchmark.
+"""The ``lora-fx`` command: inspect an adapter, merge adapters into a model, export a package, run
+the benchmark.
 
 Every error prints one line and exits with status 2 (``--debug`` shows the traceback).
 """
@@ -106,6 +107,21 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_package(args: argparse.Namespace) -> int:
+    from .package import export
+
+    adapter = load_adapter(args.adapter)
+    model = _load_model(args.model).eval()
+    adapter.check(model)
+    ids = torch.ones(1, 8, dtype=torch.long)
+    seq = torch.export.Dim("seq", min=2, max=args.max_seq)
+    export(model, (), adapter, kwargs={"input_ids": ids, "use_cache": False}, mode=args.mode, max_rank=args.max_rank,
+           dynamic_shapes={"input_ids": {1: seq}, "use_cache": None}, path=args.out)
+    print(f"wrote {args.out} ({args.mode}, sequence length 2..{args.max_seq}); lora_fx.load_package(path) runs it "
+          "and swaps adapters")
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -126,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--scale", action="append", type=float, help="load-time scale, one per --adapter")
     s.add_argument("--out", required=True)
     s.set_defaults(func=merge)
+    s = sub.add_parser("export", help="an AOTInductor package of a causal LM with a swappable adapter")
+    s.add_argument("--model", required=True)
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--out", required=True, help="the package file (.pt2)")
+    s.add_argument("--mode", choices=("branch", "fold"), default="branch")
+    s.add_argument("--max-rank", type=int, help="branch mode's rank budget for later swaps")
+    s.add_argument("--max-seq", type=int, default=4096, help="the longest sequence the package takes")
+    s.set_defaults(func=export_package)
     s = sub.add_parser("bench", help="run the benchmark (benchmarks/README: flags after --)")
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=bench)
