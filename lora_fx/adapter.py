@@ -77,7 +77,7 @@ class LoraWeights:
 
     def b_matrix(self) -> torch.Tensor:
         """B as an (out, r) matrix: a grouped conv's B becomes block-diagonal."""
-        return dense_b(self.lora_b, self.groups).flatten(1)
+        return ungrouped(self.lora_b, self.groups).flatten(1)
 
     def a_matrix(self) -> torch.Tensor:
         """A as an (r, in * prod(k)) matrix."""
@@ -100,21 +100,22 @@ class LoraWeights:
         return self.scale * (self.b_matrix().to(dtype) @ self.a_matrix().to(dtype))
 
 
-def dense_b(b: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped 1x1 conv kernel (out, r / groups, *1) as the equal dense kernel (out, r, *1)
-    (block-diagonal); ``b`` itself when groups is 1."""
+def ungrouped(kernel: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv kernel (out, in / groups, *k) as the equal dense kernel (out, in, *k),
+    block-diagonal over the groups (lora_B: (out, r / groups, *1) -> (out, r, *1)); ``kernel``
+    itself when groups is 1."""
     if groups == 1:
-        return b
-    out_f, per = b.shape[0], b.shape[1]
-    dense = b.new_zeros(out_f, per * groups, *b.shape[2:])
+        return kernel
+    out_f, per = kernel.shape[0], kernel.shape[1]
+    dense = kernel.new_zeros(out_f, per * groups, *kernel.shape[2:])
     rows = out_f // groups
     for j in range(groups):
-        dense[j * rows:(j + 1) * rows, j * per:(j + 1) * per] = b[j * rows:(j + 1) * rows]
+        dense[j * rows:(j + 1) * rows, j * per:(j + 1) * per] = kernel[j * rows:(j + 1) * rows]
     return dense
 
 
-def grouped_b(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of :func:`dense_b`: the diagonal blocks of a dense (out, r, *1) kernel."""
+def regrouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`ungrouped`: the diagonal blocks of a dense (out, r, *k) kernel."""
     if groups == 1:
         return dense
     out_f, r = dense.shape[0], dense.shape[1]

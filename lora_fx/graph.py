@@ -190,6 +190,14 @@ class Site:
         return {name: node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(name, defaults.get(name))
                 for i, name in enumerate(names)}
 
+    def set_conv_groups(self, groups: int) -> None:
+        """Set a conv site's groups argument."""
+        idx = 8 if self.node.target is aten.convolution.default else 6
+        if len(self.node.args) > idx:
+            self.node.update_arg(idx, groups)
+        else:
+            self.node.update_kwarg("groups", groups)
+
     def conv_call(self, graph: fx.Graph, x: fx.Node, weight: fx.Node, bias: fx.Node | None, *,
                   stride: Any, padding: Any, dims: int) -> fx.Node:
         """A convolution of the site's op form (dilation 1, groups 1), marked as lora_fx's."""

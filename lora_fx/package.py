@@ -202,7 +202,7 @@ class LoraPackage:
             ws = aset.weights(0, fqn) if m else []
             if self.mode == "fold":
                 w, b = self.base[f"{fqn}.weight"], self.base.get(f"{fqn}.bias")
-                fresh = fold_tensors(ws, self.kinds[fqn], w, b, m)
+                fresh = fold_tensors(ws, self.kinds[fqn], w, b, m, spec.groups)
                 out[constant_name(fqn, "weight")] = fresh["weight"]
                 continue
             a, b = padded_ab(ws, self.rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)

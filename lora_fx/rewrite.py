@@ -176,9 +176,9 @@ def _conv_site_problems(s: g.Site, spec: Any, state: LoraState, modules: dict[st
     if mod is not None and getattr(mod, "padding_mode", "zeros") != "zeros":
         p.append(f"{s.fqn}: padding_mode={mod.padding_mode!r}: PEFT's lora_A pads with zeros, the base does not; "
                  "expected padding_mode='zeros'")
-    if spec.groups > 1 and state.mode == "fold":
-        p.append(f"{s.fqn}: groups={spec.groups}: B A mixes the groups, so it cannot be folded into the grouped "
-                 "kernel (PEFT refuses to merge it too); use mode='branch'")
+    if spec.groups > 1 and state.inplace:
+        p.append(f"{s.fqn}: groups={spec.groups}: B A mixes the groups, so W' is a dense kernel that does not fit "
+                 "the module's grouped weight; use inplace=False (the op then runs dense) or mode='branch'")
     if state.mixed:
         p.append(f"{s.fqn}: mixed-adapter batches over a convolution are not supported; serve one adapter per "
                  "batch (swap) or leave this module out of the adapters")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, grouped_b
+from .adapter import Adapter, regrouped
 from .errors import AdapterConfigError, StaleWeightError, SwapError, raise_if
 from .originals import OriginalStore
 from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
@@ -298,7 +298,7 @@ class LoraState:
                 t, at = self.trainable[fqn], offsets[fqn]
                 full_a, full_b = _full(t["lora_a"]), _full(t["lora_b"])
                 a = full_a.T if w.embedding else full_a
-                b = grouped_b(full_b[:, at:at + w.rank], w.groups)
+                b = regrouped(full_b[:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
                                                 lora_b=b.detach().cpu().clone())
                 offsets[fqn] = at + w.rank
@@ -348,7 +348,8 @@ class LoraState:
         if self.mode == "fold":
             if self.inplace:
                 return {"bias": torch.zeros(out_f, dtype=weight.dtype, **kw)} if spec.lora_bias and bias is None else {}
-            t = {"weight": torch.empty_like(weight)}
+            t = {"weight": torch.empty_like(weight) if spec.groups == 1 else  # a grouped conv folds dense
+                 weight.new_empty(weight.shape[0], weight.shape[1] * spec.groups, *weight.shape[2:])}
             if spec.lora_bias:
                 t["bias"] = torch.empty(out_f, dtype=weight.dtype, **kw)
             return t
@@ -396,7 +397,8 @@ class LoraState:
 
     def _refresh_fold(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         m = self._multiplier
-        fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, weight, bias, m)
+        groups = self.layout.specs[d.key].groups
+        fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, weight, bias, m, groups)
         _copy_full(d.tensors["weight"], fresh["weight"])  # tensor parallel: each rank keeps its shard
         if "bias" in d.tensors:  # lora_bias: the merged bias; while off, the base's (or none: zeros)
             new_bias = fresh.get("bias", bias)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import LoraWeights, dense_b, grouped_b
+from .adapter import LoraWeights, regrouped, ungrouped
 
 IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coefficient's value when unused
 
@@ -53,7 +53,7 @@ def padded_ab(ws: list[LoraWeights], rank: int, shape: tuple[int, int], kernel: 
     b = torch.zeros(out_f, rank, *(1,) * len(kernel), dtype=dtype)
     at = 0
     for w in ws:
-        a[at:at + w.rank], b[:, at:at + w.rank] = w.lora_a, dense_b(w.lora_b, w.groups)
+        a[at:at + w.rank], b[:, at:at + w.rank] = w.lora_a, ungrouped(w.lora_b, w.groups)
         at += w.rank
     return (a.T.contiguous() if embedding else a), b
 
@@ -86,7 +86,7 @@ def dora_delta(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, kind: str,
     """
     a, b, scale = a.detach().float(), b.detach().float(), scale.detach().float()
     if kind == "conv" and groups > 1:
-        native = grouped_b(b[:, :rank], groups)
+        native = regrouped(b[:, :rank], groups)
         return scale[0] * (native.reshape(-1, rank) @ a[:rank].reshape(rank, -1)).reshape(b.shape[0], -1)
     a_m = a.T if kind == "embedding" else a.flatten(1)
     return (b.flatten(1) * scale) @ a_m
@@ -105,12 +105,15 @@ def dora_coefficients(weight_oi: torch.Tensor, bias: torch.Tensor | None, delta:
 
 
 def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                 multiplier: float = 1.0) -> dict[str, torch.Tensor]:
+                 multiplier: float = 1.0, groups: int = 1) -> dict[str, torch.Tensor]:
     """Fold-mode tensors of one module: the merged weight (op layout) and, if changed, bias.
 
-    A sharded (DTensor) weight is gathered first: the result is the whole merged tensor."""
+    A sharded (DTensor) weight is gathered first: the result is the whole merged tensor. A grouped
+    conv (``groups`` > 1) folds into its dense kernel (out, in, *k): B A mixes the groups, so the
+    op then runs with groups=1."""
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
     weight, bias = full(weight.detach()), None if bias is None else full(bias.detach())
+    grouped, weight = weight, ungrouped(weight, groups)
     ws = [w.to(weight.device) for w in ws]
     w_oi = as_out_in(weight, kind).float()
     new_bias = None if bias is None else bias.detach().float()
@@ -118,7 +121,11 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
         delta = w.delta_weight() * multiplier
         if w.magnitude is not None:
             merged = w_oi + delta
-            w_oi = (w.magnitude.float().reshape(-1) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+            norm_of = merged
+            if groups > 1:  # PEFT's DoRA norm: the grouped kernel + B.view(-1, r) @ A.view(r, -1) in its shape
+                quirk = (w.lora_b.float().reshape(-1, w.rank) @ w.lora_a.float().reshape(w.rank, -1))
+                norm_of = grouped.float().flatten(1) + w.scale * multiplier * quirk.reshape(grouped.shape[0], -1)
+            w_oi = (w.magnitude.float().reshape(-1) / torch.linalg.norm(norm_of, dim=1)).view(-1, 1) * merged
         else:
             w_oi = w_oi + delta
         if w.bias is not None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx.adapter import grouped_b
+from lora_fx.adapter import regrouped
 
 peft = pytest.importorskip("peft")
 
@@ -46,11 +46,11 @@ def test_compiled_training_steps_match_peft(tmp_path, model_name, kwargs):
         groups = getattr(base, conv).groups
         key = f"base_model.model.{conv}.lora_{{}}.default.weight"
         torch.testing.assert_close(t["lora_a"].grad, g[key.format("A")], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(grouped_b(t["lora_b"].grad, groups), g[key.format("B")], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(regrouped(t["lora_b"].grad, groups), g[key.format("B")], atol=1e-5, rtol=1e-5)
         ours.step(), theirs.step()
     if groups > 1:  # the dense B stays block-diagonal: what PEFT's grouped lora_B can hold
         b = be.named_parameters()[conv]["lora_b"].detach()
-        blocks = lora_fx.adapter.dense_b(grouped_b(b, groups), groups)
+        blocks = lora_fx.adapter.ungrouped(regrouped(b, groups), groups)
         assert torch.equal(b, blocks)
     trained = be.trained_adapter()
     trained.save(str(tmp_path / "trained"))
@@ -139,6 +139,16 @@ def test_a_dilated_conv_in_a_graph_is_refused_by_name():
     model.conv.dilation = (2, 2)  # changed after the adapter was made: the graph's op is dilated
     compiled = torch.compile(model, backend=lora_fx.backend(adapter, inner="eager"))
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="conv: dilation=.*expected dilation 1"):
+        compiled(torch.randn(1, 4, 8, 8))
+
+
+def test_in_place_fold_of_a_grouped_conv_is_refused_by_name():
+    from lora_fx.loading import random_adapter
+
+    model = ConvNet("conv", nn.Conv2d(4, 6, 3, groups=2))
+    adapter = random_adapter(model, LoraConfig(target_modules=["conv"], r=2))
+    compiled = torch.compile(model, backend=lora_fx.backend(adapter, mode="fold", inplace=True, inner="eager"))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="conv: groups=2: .* use inplace=False"):
         compiled(torch.randn(1, 4, 8, 8))
 
 

@@ -142,6 +142,19 @@ def _tp_worker(rank: int, port: int, out_dir: str) -> None:
         a = model.model.layers[0].mlp.down_proj.lora_fx_A  # rowwise: A sharded on its input dim
         out["layout"] = (str(a.placements), str(model.model.layers[0].self_attn.q_proj.lora_fx_B.placements))
         out["adapter"] = be.trained_adapter().state_dict()
+        # a plan that shards what the adapter cannot follow: a vocab-parallel embedding
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        emb = lora_fx.backend(random_adapter(tiny_model("llama"), LoraConfig(target_modules=["embed_tokens"]), seed=4),
+                              mode="branch", inner="aot_eager")
+        model = tiny_model("llama")
+        emb.attach(model)
+        parallelize_module(model, mesh, {"model.embed_tokens": RowwiseParallel()})
+        try:
+            emb.parameters()
+            out["refused"] = ""
+        except lora_fx.GraphRewriteError as e:
+            out["refused"] = str(e)
         torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -169,6 +182,7 @@ def test_tensor_parallel_matches_one_process(tmp_path):
     want_ab = be.trained_adapter().state_dict()
     for r in ranks:
         assert r["layout"] == ("(Shard(dim=1),)", "(Shard(dim=0),)")
+        assert "model.embed_tokens: tensor parallel over an embedding is not supported" in r["refused"]
         for mode in ("branch", "fold"):
             torch.testing.assert_close(r[f"{mode} logits"], want, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(r[f"{mode} swapped"], want_swapped, atol=1e-4, rtol=1e-4)

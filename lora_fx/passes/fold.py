@@ -19,6 +19,8 @@ def fold_lora_weights(sites: list[Site], tensors: Callable[[Site], dict[str, fx.
         t = tensors(site)
         if "weight" in t:  # folded into the model's own weight (in place): nothing to point at
             site.set_weight(t["weight"])
+            if site.kind == "conv" and site.conv_args()["groups"] != 1:
+                site.set_conv_groups(1)  # a grouped conv's W' is dense (see tensors.fold_tensors)
         if "bias" in t:
             site.set_bias(t["bias"])
     return len(sites)
