@@ -43,8 +43,10 @@ def build(args: argparse.Namespace):
 
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=int(args.hidden * args.mlp_ratio) // 8 * 8,
+                      num_hidden_layers=args.layers, num_attention_heads=heads,
+                      num_key_value_heads=max(1, heads // args.kv_groups),
                       max_position_embeddings=4096)
     return LlamaForCausalLM(cfg).eval().to(args.device, getattr(torch, args.dtype))
 
@@ -306,6 +308,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--mlp-ratio", type=float, default=8 / 3, help="intermediate size / hidden (3.5 for today's models)")
+    p.add_argument("--kv-groups", type=int, default=1, help="query heads per KV head (4: grouped-query attention)")
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
     p.add_argument("--reps", type=int, default=24, help="timed calls per variant (decode; prefill takes half)")

@@ -117,6 +117,10 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     check_targets = isinstance(config.target_modules, list) or (
         isinstance(config.target_modules, str) and config.target_modules != targets.ALL_LINEAR)
     params = parameter_targets(config, set(parts))
+    owners = [entry.rpartition(".")[0] for entry in config.target_parameters or ()]
+    for module in sorted({m for m in owners if owners.count(m) > 1}):
+        problems.append(f"target_parameters: expected one parameter per module, found several of {module!r} "
+                        f"({[e for e in config.target_parameters if e.rpartition('.')[0] == module]})")
     for entry in config.target_parameters or ():
         module, _, _ = entry.rpartition(".")
         if module not in parts:

@@ -92,7 +92,7 @@ def export(model: torch.nn.Module, args: tuple, adapters: Adapter | Sequence[Ada
         if mode == "branch":  # AOTInductor inlines the small per-rank scales: fold them into B, scale 1
             for fqn in layout.specs:
                 scale = ep.state_dict[constant_name(fqn, "scale")]
-                ep.state_dict[constant_name(fqn, "lora_b")].mul_(scale)
+                ep.state_dict[constant_name(fqn, "lora_b")].mul_(_over_ranks(scale, layout.specs[fqn]))
                 scale.fill_(1.0)
     meta = {"mode": mode, "rank": layout.rank, "specs": {f: _spec_json(s) for f, s in layout.specs.items()},
             "kinds": kinds, "constants": {}}
@@ -207,7 +207,7 @@ class LoraPackage:
                 continue
             a, b = padded_ab(ws, self.rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)
             scale = rank_scale(ws, self.rank, m, spec.dtype)  # folded into B (see export)
-            out[constant_name(fqn, "lora_a")], out[constant_name(fqn, "lora_b")] = a, b * scale
+            out[constant_name(fqn, "lora_a")], out[constant_name(fqn, "lora_b")] = a, b * _over_ranks(scale, spec)
         return {k: v.contiguous() for k, v in out.items()}
 
     def _check(self, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -221,6 +221,11 @@ class LoraPackage:
                 p.append(f"{name}: expected shape {want['shape']} {want['dtype']}, found {list(t.shape)} "
                          f"{str(t.dtype).removeprefix('torch.')}")
         return p
+
+
+def _over_ranks(scale: torch.Tensor, spec: ModuleSpec) -> torch.Tensor:
+    """The per-rank scale (R,) shaped to multiply B along its rank dim ((out, R) or (out, R, *1))."""
+    return scale.view(-1, *(1,) * len(spec.kernel))
 
 
 def _import_output_types(runner: Any) -> None:

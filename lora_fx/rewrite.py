@@ -173,6 +173,12 @@ def _conv_site_problems(s: g.Site, spec: Any, state: LoraState, modules: dict[st
         p.append(f"{s.fqn}: dilation={dilation}: PEFT's lora_A is not dilated, so its output does not match the "
                  "base's shape; expected dilation 1")
     mod = modules.get(s.fqn)
+    x = s.x
+    padded_inside = isinstance(x, fx.Node) and x.op == "call_function" and "pad" in str(x.target) \
+        and g.module_fqn(x) == s.path  # the conv module itself padded its input: padding_mode != zeros
+    if padded_inside and (mod is None or getattr(mod, "padding_mode", "zeros") == "zeros"):
+        p.append(f"{s.fqn}: its input is padded inside the module ({x.target}), as padding_mode='reflect' / "
+                 "'replicate' / 'circular' do: PEFT's lora_A pads with zeros; expected padding_mode='zeros'")
     if mod is not None and getattr(mod, "padding_mode", "zeros") != "zeros":
         p.append(f"{s.fqn}: padding_mode={mod.padding_mode!r}: PEFT's lora_A pads with zeros, the base does not; "
                  "expected padding_mode='zeros'")

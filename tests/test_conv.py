@@ -4,6 +4,7 @@ graphs, and the setups lora_fx refuses (each error names the module)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -163,3 +164,54 @@ def test_mixed_batches_over_a_conv_are_refused_by_name():
     compiled = torch.compile(model, backend=be)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="conv: mixed-adapter batches over a convolution"):
         compiled(torch.randn(2, 4, 8, 8))
+
+
+def test_branch_conv_with_a_narrower_adapter_keeps_the_models_dtype():
+    from lora_fx.loading import random_adapter
+
+    model = ConvNet("conv", nn.Conv2d(4, 6, 3, padding=1))
+    adapter = random_adapter(model, LoraConfig(target_modules=["conv"], r=4), seed=1)
+    bf16 = lora_fx.Adapter(adapter.config, {k: dataclasses.replace(w, lora_a=w.lora_a.bfloat16(),
+                                                                   lora_b=w.lora_b.bfloat16())
+                                            for k, w in adapter.modules.items()})
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = lora_fx.lora_forward(model, bf16, x)  # PEFT's math: fp32 result + the bf16 update
+        got = torch.compile(copy.deepcopy(model), backend=lora_fx.backend(bf16, inner="aot_eager"))(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_unbatched_conv_input_matches_the_reference(mode):
+    from lora_fx.loading import random_adapter
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 2, 3)).eval()
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):  # (C, H, W) -> conv2d -> (C', H, W) -> flatten to (C', H*W) -> conv1d
+            return self.net[2](self.net[1](self.net[0](x)).flatten(1))
+
+    m = Unbatched().eval()
+    adapter = random_adapter(m, LoraConfig(target_modules=["net.0", "net.2"], r=3), seed=2)
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        want = lora_fx.lora_forward(m, adapter, x)
+        assert (want - m(x)).abs().max() > 1e-3
+        got = torch.compile(copy.deepcopy(m), backend=lora_fx.backend(adapter, mode=mode, inner="aot_eager"))(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_inside_the_module_is_refused_on_an_exported_graph():
+    from lora_fx.loading import random_adapter
+
+    model = ConvNet("conv", nn.Conv2d(4, 6, 3, padding=1))
+    adapter = random_adapter(model, LoraConfig(target_modules=["conv"], r=2))
+    model.conv.padding_mode = "reflect"  # the adapter was made before; the graph pads inside the module
+    ep = torch.export.export(model, (torch.randn(1, 4, 6, 6),))
+    with pytest.raises(lora_fx.GraphRewriteError, match="conv: its input is padded inside the module"):
+        lora_fx.rewrite(ep, lora_fx.RewriteConfig(adapter, mode="branch"))

@@ -80,6 +80,12 @@ def test_target_parameters_without_tensors_is_named(tmp_path):
         lora_fx.load_adapter(write(tmp_path, config={**CONFIG, "target_parameters": ["head.weight"]}))
 
 
+def test_two_target_parameters_of_one_module_are_named(tmp_path):
+    cfg = {**CONFIG, "target_parameters": ["fc.weight", "fc.bias"]}
+    with pytest.raises(lora_fx.AdapterWeightsError, match="expected one parameter per module, found several of 'fc'"):
+        lora_fx.load_adapter(write(tmp_path, config=cfg))
+
+
 def test_unknown_fields_ignored(tmp_path):
     ad = lora_fx.load_adapter(write(tmp_path, config={**CONFIG, "some_future_field": 1}))
     assert "fc" in ad.modules

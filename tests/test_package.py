@@ -124,3 +124,23 @@ def test_cli_export_writes_a_package_that_runs(built, tmp_path, capsys):
     got = lora_fx.load_package(out)(input_ids=example_ids(1, 13, seed=13), use_cache=False)
     got = got if isinstance(got, torch.Tensor) else got[0]
     torch.testing.assert_close(got, refs["first-13"], atol=1e-4, rtol=1e-4)
+
+
+def test_branch_package_of_a_conv_model_swaps(tmp_path):
+    from test_peft_matrix import ConvNet
+
+    from lora_fx.loading import random_adapter
+
+    torch.manual_seed(0)
+    model = ConvNet("conv", torch.nn.Conv2d(4, 6, 3, padding=1)).eval()
+    first = random_adapter(model, lora_fx.LoraConfig(target_modules=["conv", "lin0"], r=4), seed=1)
+    second = random_adapter(model, lora_fx.LoraConfig(target_modules=["conv"], r=2, lora_alpha=5), seed=2)
+    x = torch.randn(2, 4, 6, 6)
+    lora_fx.export(model, (x,), first, path=str(tmp_path / "conv.pt2"))
+    pkg = lora_fx.load_package(str(tmp_path / "conv.pt2"))
+    with torch.no_grad():
+        torch.testing.assert_close(pkg(x), lora_fx.lora_forward(model, first, x), atol=1e-4, rtol=1e-4)
+        pkg.swap(second)
+        want = lora_fx.lora_forward(model, second, x)
+        assert (want - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(pkg(x), want, atol=1e-4, rtol=1e-4)

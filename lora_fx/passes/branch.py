@@ -97,24 +97,32 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
 
 
 def _conv_dims(site: Site) -> int:
-    """How many spatial dims a conv site has."""
-    meta, stride = tensor_meta(site.node), site.conv_args()["stride"]
+    """How many spatial dims a conv site has (from its kernel: an unbatched input has one dim less)."""
+    meta, stride = tensor_meta(site.weight), site.conv_args()["stride"]
     return meta.dim() - 2 if meta is not None else len(stride)
 
 
 def _conv_update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, dims: int) -> fx.Node:
     """y + B(A(x)) for a conv site, as PEFT's lora_B(lora_A(x)): A runs with the base's stride and
-    padding (dilation 1, groups 1), the scale per rank channel, B as a 1x1 conv with lora_bias."""
+    padding (dilation 1, groups 1), the scale per rank channel, B as a 1x1 conv with lora_bias.
+    The sum is taken in the wider of y's and the adapter's dtypes, as PEFT's ``result + lora``."""
     args = site.conv_args()
-    h = site.conv_call(graph, _cast(graph, site.x, lora_dtype), t["lora_a"], None,
-                       stride=args["stride"], padding=args["padding"], dims=dims)
+    x_meta, y_meta = tensor_meta(site.x), tensor_meta(site.node)
+    x = _cast(graph, site.x, lora_dtype)
+    unbatched = x_meta is not None and x_meta.dim() == dims + 1
+    if unbatched:  # (C, *spatial): computed as a batch of one
+        x = call(graph, aten.unsqueeze.default, (x, 0))
+    h = site.conv_call(graph, x, t["lora_a"], None, stride=args["stride"], padding=args["padding"], dims=dims)
     h = call(graph, aten.mul.Tensor, (h, _channels(graph, t["scale"], dims)))
     # B as a 1x1 conv is a linear map over the channel dim: channels last, linear, channels back
     last = call(graph, aten.permute.default, (h, [0, *range(2, dims + 2), 1]))
     b = call(graph, aten.flatten.using_ints, (t["lora_b"], 1))  # (out, R)
     d = call(graph, aten.linear.default, (last, b, t.get("lora_bias")))
     d = call(graph, aten.permute.default, (d, [0, dims + 1, *range(1, dims + 1)]))
-    return call(graph, aten.add.Tensor, (_cast(graph, site.node, lora_dtype), d))
+    if unbatched:
+        d = call(graph, aten.squeeze.dim, (d, 0))
+    narrower = y_meta is not None and torch.promote_types(y_meta.dtype, lora_dtype) != lora_dtype
+    return call(graph, aten.add.Tensor, (site.node if narrower else _cast(graph, site.node, lora_dtype), d))
 
 
 def _channels(graph: fx.Graph, v: fx.Node, dims: int) -> fx.Node:
