@@ -214,7 +214,25 @@ class LoraState:
             for role, attr in ATTACHED.items():
                 if getattr(mod, attr, None) is not t[role]:
                     mod.register_parameter(attr, t[role])
+            if fqn not in self.attached:
+                mod.register_forward_hook(self._eager_guard(fqn))
             self.attached[fqn] = mod
+
+    def _eager_guard(self, fqn: str):
+        """A forward hook on an attached module: traced into compiled graphs, where it does nothing;
+        run eagerly while the adapter is on (dynamo skipped the frame that calls the module, e.g. a
+        graph break inside a loop, or the model was called uncompiled), the module's output lacks
+        the adapter, so it raises instead of passing the base model's output on."""
+        def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if not torch.compiler.is_compiling() and self.enabled and self._multiplier:
+                from .errors import GraphRewriteError
+
+                raise GraphRewriteError(
+                    f"{fqn}: ran outside the compiled graphs with the adapter on, so its output has no LoRA update "
+                    "(dynamo runs a frame eagerly when it cannot compile it, e.g. a graph break inside a loop; "
+                    "compile the code that calls this module, leave it out of the adapter, or run the base model "
+                    "under be.disabled())")
+        return hook
 
     # -- A and B ------------------------------------------------------------------------------
 

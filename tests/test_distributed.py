@@ -21,7 +21,7 @@ from lora_fx import LoraConfig
 from lora_fx.loading import random_adapter
 
 STEPS, WORLD = 3, 2
-TARGETS = ["q_proj", "v_proj", "down_proj", "gate_proj"]
+TARGETS = ["q_proj", "v_proj", "down_proj", "gate_proj", "embed_tokens"]
 
 
 def _adapter():
@@ -237,6 +237,22 @@ def test_attach_needs_one_branch_adapter_set():
     be.attach(model)
     q = model.model.layers[0].self_attn.q_proj
     assert q.lora_fx_A is be.named_parameters()["model.layers.0.self_attn.q_proj"]["lora_a"]
+
+
+def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
+    # dynamo runs a frame eagerly when it cannot compile it (a graph break inside a loop): an attached
+    # module running there would give the base model's output; the guard says so instead
+    model = tiny_model("llama")
+    be = lora_fx.backend(_adapter(), mode="branch", inner="aot_eager")
+    be.attach(model)
+    compiled = torch.compile(model, backend=be)
+    ids = _batches()[0]
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        with pytest.raises(lora_fx.GraphRewriteError, match="model.embed_tokens: ran outside the compiled graphs"):
+            model(input_ids=ids)
+        with be.disabled():
+            torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
 
 
 def test_attached_tensors_are_read_from_their_modules_at_each_call():
