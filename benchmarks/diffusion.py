@@ -19,12 +19,13 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from lora_fx.bench import in_worker, save_table
 
 VARIANTS = ("compiled base", "lora_fx branch", "lora_fx fold", "diffusers+PEFT eager", "diffusers+PEFT compiled")
 
@@ -125,16 +126,9 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return 0
-    results = []
-    for name in args.models.split(","):  # one process per model: separate dynamo caches
-        out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", name],
-                             capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    text = table(results, args)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"`python benchmarks/diffusion.py {' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    given = list(argv or sys.argv[1:])
+    results = [in_worker(__file__, given, name) for name in args.models.split(",")]  # one process per model
+    save_table(args.out, __file__, given, table(results, args))
     return 0
 
 

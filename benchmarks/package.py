@@ -15,12 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from lora_fx.bench import in_worker, save_table
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -123,12 +124,8 @@ def main(argv=None) -> int:
                        dynamic_shapes={"input_ids": {1: seq}, "use_cache": None}, path=os.path.join(tmp, "model.pt2"))
         build = time.perf_counter() - t0
 
-        def worker(kind):
-            out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", kind, "--tmp", tmp],
-                                 capture_output=True, text=True, check=True).stdout
-            return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
-
-        pkg, comp, st = worker("package"), worker("compile"), worker("steady")
+        given = list(argv or sys.argv[1:])
+        pkg, comp, st = (in_worker(__file__, given, kind, "--tmp", tmp) for kind in ("package", "compile", "steady"))
     base = st["per_call"]["compiled base"]
     lines = [f"CPU fp32, Llama hidden {args.hidden}, {args.layers} layers, GQA, vocab 8192, r={args.rank} on 7 "
              f"projections, branch mode, prefill {args.seq} tokens.", "",
@@ -140,11 +137,7 @@ def main(argv=None) -> int:
              f"| swap (another adapter, same process) | {st['swap_s'] * 1e3:.1f} ms (checked, then loaded) | "
              "see the serving table |", "", "| per call (median) | ms | ratio to the compiled base |", "|---|---|---|"]
     lines += [f"| {k} | {v * 1e3:.2f} | {v / base:.3f}x |" for k, v in st["per_call"].items()]
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"`python benchmarks/package.py {' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    save_table(args.out, __file__, given, "\n".join(lines))
     return 0
 
 

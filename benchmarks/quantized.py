@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-from lora_fx.bench import PROJ, Inputs, compiled_forward, timed, weights_bytes
+from lora_fx.bench import PROJ, Inputs, compiled_forward, in_worker, save_table, timed, weights_bytes
 
 VARIANTS = ("compiled base", "lora_fx branch", "PEFT eager", "PEFT compiled")
 
@@ -138,16 +137,9 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return 0
-    results = []
-    for fmt in args.formats.split(","):  # one process per format: separate dynamo caches
-        out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", fmt],
-                             capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    text = table(results, args)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"`python benchmarks/quantized.py {' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    given = list(argv or sys.argv[1:])
+    results = [in_worker(__file__, given, fmt) for fmt in args.formats.split(",")]  # one process per format
+    save_table(args.out, __file__, given, table(results, args))
     return 0
 
 

@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 import torch
+
+from lora_fx.bench import in_worker, save_table
 
 VARIANTS = ("floor", "lora_fx branch", "PEFT eager", "PEFT compiled")
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,7 +61,7 @@ def worker(variant: str, args) -> dict:
     torch.manual_seed(0)
     heads = args.hidden // 64
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 4)
+                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4))
     model = LlamaForCausalLM(cfg)
     model.requires_grad_(False)
     ids = torch.randint(1, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
@@ -117,11 +118,8 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return 0
-    res = {}
-    for v in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker", v],
-                             capture_output=True, text=True, check=True).stdout
-        res[v] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    given = list(argv or sys.argv[1:])
+    res = {v: in_worker(__file__, given, v) for v in VARIANTS}
     floor = res["floor"]["median"]
     lines = [f"CPU fp32, Llama hidden {args.hidden}, {args.layers} layers, GQA (KV heads = heads / 4), intermediate "
              f"3.5x, vocab {args.vocab}; seq {args.seq}, batch 1; r={args.rank} on 7 projections; one step = forward, "
@@ -130,11 +128,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|"]
     lines += [f"| {v} | {r['median'] * 1e3:.1f} | {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} | "
               f"{r['median'] / floor:.3f}x | {r['peak_mb']:.0f} |" for v, r in res.items()]
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"`python benchmarks/training.py {' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    save_table(args.out, __file__, given, "\n".join(lines))
     return 0
 
 

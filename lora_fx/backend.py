@@ -142,7 +142,7 @@ class LoraBackend:
         extra = tuple(inputs.extra)
         trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
         compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
-        live = {i: state.sources[id(t)] for i, t in enumerate(extra) if id(t) in state.sources}
+        live = {i: state.sources[id(t)][1:] for i, t in enumerate(extra) if id(t) in state.sources}
         return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live)
 
     def unseen_modules(self) -> list[str]:

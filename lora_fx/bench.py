@@ -364,6 +364,22 @@ def main(argv=None) -> int:
     return report(results, args, tag)
 
 
+def in_worker(script: str, argv: list[str], worker: str, *extra: str) -> dict:
+    """Run ``script`` again in a fresh process as ``--worker worker`` (own dynamo caches and memory);
+    the dict its ``RESULT {json}`` line prints."""
+    out = subprocess.run([sys.executable, script, *argv, "--worker", worker, *extra],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def save_table(path: str, script: str, argv: list[str], text: str) -> None:
+    """Print a benchmark's table and write it to ``path`` under the command that made it."""
+    print(text)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"`python benchmarks/{os.path.basename(script)} {' '.join(argv)}`\n\n{text}\n")
+
+
 def report(results: list[dict], args: argparse.Namespace, tag: str) -> int:
     """Write <tag>.md, <tag>.json and <tag>.png from the groups' results, and print the table."""
     text, summary = summarize(results, args)

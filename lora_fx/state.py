@@ -135,7 +135,8 @@ class LoraState:
         # branch: A and B exist before any graph, so an optimizer can be built first
         self._own: dict[str, dict[str, torch.nn.Parameter]] = {}
         self.attached: dict[str, torch.nn.Module] = {}  # see attach()
-        self.sources: dict[int, tuple[torch.nn.Module, str]] = {}  # a graph's A / B -> where a call reads it
+        # a graph's A / B -> (that tensor, kept so its id stays its own; the module and attribute a call reads)
+        self.sources: dict[int, tuple[torch.Tensor, torch.nn.Module, str]] = {}
         if mode == "branch":
             for fqn in self.layout.specs:
                 a, b = self._initial_ab(fqn, range(self.layout.slots))
@@ -163,13 +164,16 @@ class LoraState:
         and reduces it with the base's partial output. FSDP2's shards are left to FSDP2."""
         if self._fsdp:
             return
+        checked = False
         for fqn, mod in self.attached.items():
             w = getattr(mod, "weight", None)
             if not hasattr(w, "device_mesh"):
                 continue
-            if any(type(m).__name__.startswith("FSDP") for m in self._model.modules()):
-                self._fsdp = True
-                return
+            if not checked:  # a sharded weight: FSDP2's (left alone from now on) or tensor parallel's
+                if any(type(m).__name__.startswith("FSDP") for m in self._model.modules()):
+                    self._fsdp = True
+                    return
+                checked = True
             for attr, placements in zip(ATTACHED.values(), _lora_placements(fqn, w, self.layout.specs[fqn])):
                 p = getattr(mod, attr)
                 if getattr(p, "placements", None) == placements and getattr(p, "device_mesh", None) == w.device_mesh:
@@ -344,7 +348,7 @@ class LoraState:
         ab = self.trainable[fqn]
         if fqn in self.attached:
             for role, attr in ATTACHED.items():
-                self.sources[id(ab[role])] = (self.attached[fqn], attr)
+                self.sources[id(ab[role])] = (ab[role], self.attached[fqn], attr)
         return {**ab, **d.tensors}, d
 
     def _allocate(self, spec: ModuleSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

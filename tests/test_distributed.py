@@ -239,9 +239,8 @@ def test_attach_needs_one_branch_adapter_set():
     assert q.lora_fx_A is be.named_parameters()["model.layers.0.self_attn.q_proj"]["lora_a"]
 
 
-def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
-    # dynamo runs a frame eagerly when it cannot compile it (a graph break inside a loop): an attached
-    # module running there would give the base model's output; the guard says so instead
+def _attached_and_run():
+    """A tiny Llama with the adapter attached, compiled, after one call: (model, backend, compiled, ids)."""
     model = tiny_model("llama")
     be = lora_fx.backend(_adapter(), mode="branch", inner="aot_eager")
     be.attach(model)
@@ -249,6 +248,14 @@ def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
     ids = _batches()[0]
     with torch.no_grad():
         compiled(input_ids=ids)
+    return model, be, compiled, ids
+
+
+def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
+    # dynamo runs a frame eagerly when it cannot compile it (a graph break inside a loop): an attached
+    # module running there would give the base model's output; the guard says so instead
+    model, be, compiled, ids = _attached_and_run()
+    with torch.no_grad():
         with pytest.raises(lora_fx.GraphRewriteError, match="model.embed_tokens: ran outside the compiled graphs"):
             model(input_ids=ids)
         with be.disabled():
@@ -258,13 +265,8 @@ def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
 def test_attached_tensors_are_read_from_their_modules_at_each_call():
     # a wrapper (or load_state_dict(assign=True)) may replace the module's parameter objects:
     # the compiled graphs read whatever the module holds now, without recompiling
-    model = tiny_model("llama")
-    be = lora_fx.backend(_adapter(), mode="branch", inner="aot_eager")
-    be.attach(model)
-    compiled = torch.compile(model, backend=be)
-    ids = _batches()[0]
+    model, be, compiled, ids = _attached_and_run()
     with torch.no_grad():
-        compiled(input_ids=ids)
         key = "model.layers.1.self_attn.q_proj.lora_fx_A"
         new_a = torch.randn_like(model.state_dict()[key])
         model.load_state_dict({key: new_a}, strict=False, assign=True)
