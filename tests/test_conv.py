@@ -215,3 +215,29 @@ def test_padding_inside_the_module_is_refused_on_an_exported_graph():
     ep = torch.export.export(model, (torch.randn(1, 4, 6, 6),))
     with pytest.raises(lora_fx.GraphRewriteError, match="conv: its input is padded inside the module"):
         lora_fx.rewrite(ep, lora_fx.RewriteConfig(adapter, mode="branch"))
+
+
+@pytest.mark.parametrize("mode,inplace", [("branch", False), ("fold", False), ("fold", True)])
+def test_conv_adapter_through_set_scale_disable_and_an_edited_weight(mode, inplace):
+    from lora_fx.loading import random_adapter
+
+    model = ConvNet("conv", nn.Conv2d(4, 6, 3, padding=1))
+    adapter = random_adapter(model, LoraConfig(target_modules=["conv", "lin0"], r=3, use_dora=True), seed=5)
+    reference = copy.deepcopy(model)
+    be = lora_fx.backend(adapter, mode=mode, inplace=inplace, inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), lora_fx.lora_forward(reference, adapter, x), atol=1e-4, rtol=1e-4)
+        be.set_scale(0.5)
+        torch.testing.assert_close(compiled(x), lora_fx.lora_forward(reference, adapter.scaled(0.5), x),
+                                   atol=1e-4, rtol=1e-4)
+        be.disable()
+        torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-5)
+        if inplace:
+            be.restore()
+        model.conv.weight.mul_(1.5)  # an edited base weight (while the adapter is off, for in-place fold)
+        reference.conv.weight.mul_(1.5)
+        be.enable()
+        torch.testing.assert_close(compiled(x), lora_fx.lora_forward(reference, adapter.scaled(0.5), x),
+                                   atol=1e-4, rtol=1e-4)
