@@ -232,6 +232,11 @@ def test_conv_adapter_through_set_scale_disable_and_an_edited_weight(mode, inpla
         be.set_scale(0.5)
         torch.testing.assert_close(compiled(x), lora_fx.lora_forward(reference, adapter.scaled(0.5), x),
                                    atol=1e-4, rtol=1e-4)
+        if not inplace:  # an edit with no settings change: W' and DoRA's norms must follow it
+            model.conv.weight.add_(0.1)
+            reference.conv.weight.add_(0.1)
+            torch.testing.assert_close(compiled(x), lora_fx.lora_forward(reference, adapter.scaled(0.5), x),
+                                       atol=1e-4, rtol=1e-4)
         be.disable()
         torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-5)
         if inplace:
