@@ -29,7 +29,7 @@ from .dynamo import (
 )
 from .errors import GraphRewriteError, SwapError, raise_if
 from .inputs import DynamoInputs
-from .rewrite import MODES, RewriteReport, rewrite_graph
+from .rewrite import MODES, RewriteReport, owners_of, rewrite_graph, split_module_problem
 from .slots import Adapters
 from .state import LoraState, resolve
 
@@ -143,7 +143,8 @@ class LoraBackend:
         trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
         compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
         live = {i: state.sources[id(t)][1:] for i, t in enumerate(extra) if id(t) in state.sources}
-        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live)
+        split = _SplitModules(model, done.foreign, state) if done.foreign and model is not None else None
+        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, split)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -235,8 +236,32 @@ class LoraBackend:
         return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
 
 
+class _SplitModules:
+    """A graph that reads modules' weights without holding their ops (a graph break inside their
+    forward) was compiled for a module outside the adapter; dynamo reuses it for every module
+    whose forward has the same code. Each call checks whose weights it gets and raises for a
+    targeted module, which would otherwise run without its adapter."""
+
+    def __init__(self, model: torch.nn.Module, positions: list[int], state: LoraState):
+        self.model, self.positions, self.state = model, positions, state
+        self.owners = owners_of(model)
+
+    def check(self, args: Sequence[Any]) -> None:
+        for i in self.positions:
+            t = args[i]
+            key = (t.data_ptr(), tuple(t.shape))
+            if key not in self.owners:  # a weight replaced since: map the model again
+                self.owners = owners_of(self.model)
+            targeted = [f for f in self.owners.get(key, []) if f in self.state.layout.specs]
+            if targeted and self.state._multiplier:  # disabled or scale 0: the base output is right
+                modules = g.named(self.model.named_modules())
+                raise GraphRewriteError([split_module_problem(f, f"argument {i}", modules.get(f)) for f in targeted],
+                                        header="cannot apply the adapter to this graph:")
+
+
 def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
-          no_backward: Sequence[str] = (), live: dict | None = None) -> Callable:
+          no_backward: Sequence[str] = (), live: dict | None = None, split: _SplitModules | None = None
+          ) -> Callable:
     """The function dynamo calls for one graph: bring what it reads up to date, then run it.
 
     ``extra`` are the tensors appended to every call; those that belong to a derived set are
@@ -244,7 +269,7 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     selection) are passed as they are. ``no_backward``: modules traced without a backward
     (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
     ``live``: positions in ``extra`` read from a module attribute at each call (attached A / B,
-    which FSDP2 swaps between its sharded and gathered forms).
+    which FSDP2 swaps between its sharded and gathered forms). ``split``: see :class:`_SplitModules`.
     """
     owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
     slots = [owner.get(id(t), (None, t)) for t in extra]
@@ -257,6 +282,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
         if no_backward and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
             _refuse_training(no_backward)
         with state.lock:
+            if split is not None:
+                split.check(args)
             stale = seen[0] != state.generation
             for d, refs in derived if stale else watched:
                 state.check(d, resolve(refs, args))

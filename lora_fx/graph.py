@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 aten = torch.ops.aten
 LINEAR_OPS = (F.linear, torch._C._nn.linear, aten.linear.default)
@@ -351,7 +352,10 @@ def find_module_site(scope: Scope, path: str, nodes: list[fx.Node], shape: tuple
 
     def width(node: fx.Node) -> int | None:
         meta = tensor_meta(node)
-        return meta.shape[-1] if meta is not None and meta.dim() >= 1 else None
+        if meta is None or meta.dim() < 1:
+            return None
+        d = meta.shape[-1]  # a size computed from data (an unbacked SymInt) is nobody's width: no guard on it
+        return d if isinstance(d, int) or not free_unbacked_symbols(d) else None
 
     xs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
                             if a not in inside and not own(a) and width(a) == in_f))

@@ -22,7 +22,7 @@ from .errors import GraphRewriteError, raise_if
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
 from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
 from .passes.mixed import batched_input
-from .quantized import quant_format
+from .quantized import module_format, quant_format
 from .state import Derived, LoraState
 
 MODES = ("branch", "fold")
@@ -162,6 +162,49 @@ def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: G
     return out
 
 
+def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, list[str]], specs: dict,
+                   found: set[str], sites: list[g.Site], modules: dict[str, torch.nn.Module]
+                   ) -> tuple[list[str], list[fx.Node]]:
+    """Modules whose weight this graph reads without holding the module's op: dynamo broke the
+    graph inside the module's forward (an op it cannot trace), so the op that computes the
+    module's output runs between graphs, where no update can be added. Returns the problems
+    (targeted modules: without this check they would silently run without their adapter) and
+    the inputs that are other modules' weights: dynamo reuses such a graph for every module
+    whose forward has the same code, so each call checks whose weight it gets
+    (:func:`split_module_problem`)."""
+    read_by_op = {s.scope.top(s.weight) for s in sites if s.weight is not None}  # e.g. a tied lm_head
+    out, foreign, named = [], [], set()
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or node in read_by_op or not node.users:
+            continue
+        value = inputs.value(node)
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+            continue
+        try:
+            key = (value.data_ptr(), tuple(value.shape))
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass without storage of its own
+            continue
+        fqns = owners.get(key, [])
+        if not fqns or any(f in found for f in fqns):
+            continue
+        targeted = [f for f in fqns if f in specs]
+        out += [split_module_problem(f, node.name, modules.get(f)) for f in targeted if f not in named]
+        named.update(targeted)
+        if not targeted:
+            foreign.append(node)
+    return out, foreign
+
+
+def split_module_problem(fqn: str, what: str, module: torch.nn.Module | None) -> str:
+    fmt = module_format(module) if module is not None else None
+    hint = ("; bitsandbytes Linear8bitLt breaks the graph at its outlier split (an op whose output shape depends on "
+            "the data): set torch._dynamo.config.capture_dynamic_output_shape_ops = True before compiling, so its "
+            "forward compiles whole" if fmt and "bitsandbytes int8" in fmt else "")
+    return (f"{fqn}: expected its op in the graph that reads its weight ({what}), found none: a graph break inside the "
+            f"module's forward leaves the op computing its output outside every graph, where no update can be added"
+            f"{hint}")
+
+
 def _conv_site_problems(s: g.Site, spec: Any, state: LoraState, modules: dict[str, torch.nn.Module]) -> list[str]:
     """What a conv site cannot do: PEFT's lora_A is not dilated and pads with zeros; a grouped
     conv's update is not a grouped kernel (no fold, as PEFT cannot merge it); no mixed batches."""
@@ -216,6 +259,7 @@ class Rewritten:
     derived: list[tuple[Derived, tuple]]
     batch: Any = None  # mixed batches: where the call's batch size is read (see passes.mixed)
     no_backward: list[str] = field(default_factory=list)  # see _traced_without_gradient
+    foreign: list[int] = field(default_factory=list)  # call positions of other modules' weights (_split_modules)
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
@@ -257,8 +301,12 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                 if unattributed else f"; modules seen in the graph: {sorted({s.fqn for s in sites})[:8]}")
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
-    formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     modules = {} if model is None else g.named(model.named_modules(remove_duplicate=False))
+    foreign: list[fx.Node] = []
+    if owners is not None:
+        split, foreign = _split_modules(gm, inputs, owners, specs, found, sites, modules)
+        problems += split
+    formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     for s in chosen:
         spec = specs[s.fqn]
         if spec.embedding != (s.kind == "embedding"):
@@ -344,7 +392,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     for graph_module in touched.values():
         graph_module.graph.lint()
         graph_module.recompile()
-    return Rewritten(report, derived, batch, no_backward)
+    return Rewritten(report, derived, batch, no_backward,
+                     [r for r in map(inputs.ref, foreign) if isinstance(r, int)])
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:

@@ -1,6 +1,6 @@
-"""LoRA over a quantized base (QLoRA): bitsandbytes 4-bit and torchao weights, branch mode.
+"""LoRA over a quantized base (QLoRA): bitsandbytes 4-bit / 8-bit and torchao weights, branch mode.
 
-PEFT is the oracle where it supports the format (bitsandbytes NF4 / FP4, torchao int8); the other
+PEFT is the oracle where it supports the format (bitsandbytes NF4 / FP4 / int8, torchao int8); the other
 torchao formats are compared with the eager reference (the quantized module's own output plus the
 LoRA update). Fold over a quantized weight is refused."""
 
@@ -46,6 +46,15 @@ def bnb_llama(dense_dir: str, quant_type: str = "nf4") -> torch.nn.Module:
     import transformers as tf
 
     qc = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32)
+    return tf.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu",
+                                                   dtype=torch.float32).eval()
+
+
+def bnb_int8_llama(dense_dir: str) -> torch.nn.Module:
+    """The dense model loaded 8-bit by transformers (LLM.int8(), outlier threshold 6.0 as default)."""
+    import transformers as tf
+
+    qc = tf.BitsAndBytesConfig(load_in_8bit=True)
     return tf.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu",
                                                    dtype=torch.float32).eval()
 
@@ -125,6 +134,38 @@ def test_torchao_int8_adapter_trained_with_peft_matches_peft(tmp_path):
     assert_matches(compiled, pm, base=model)
 
 
+@pytest.mark.inductor
+def test_bnb_int8_adapter_trained_with_peft_matches_peft(tmp_path, dense_dir):
+    """Linear8bitLt splits outliers with an op whose output shape depends on the data: dynamo
+    compiles it whole once told to capture such ops."""
+    pm = peft_trained(bnb_int8_llama(dense_dir), str(tmp_path))
+    model = bnb_int8_llama(dense_dir)
+    assert module_format(model.model.layers[0].self_attn.q_proj) == "bitsandbytes int8 (Int8Params)"
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path))
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        assert_matches(torch.compile(model, backend=be), pm, base=model)
+    assert be.unseen_modules() == []
+
+
+@pytest.mark.parametrize("target", ["q_proj", "v_proj"])
+def test_a_graph_break_inside_a_targeted_module_is_refused(dense_dir, target):
+    """Without capture_dynamic_output_shape_ops, dynamo breaks the graph inside every
+    Linear8bitLt: the op computing its output runs between graphs. lora_fx sees the module's
+    weight read by a graph that lacks its op and raises, naming it and the fix, instead of
+    passing the base model's output on: when compiling that graph (q_proj, the first
+    Linear8bitLt to run) or when dynamo reuses the graph compiled for q_proj for a targeted
+    v_proj (same code, another module's weights)."""
+    model = bnb_int8_llama(dense_dir)
+    ad = random_adapter(model, LoraConfig(r=4, target_modules=[target]))
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, inner="aot_eager"))
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False), \
+            pytest.raises(Exception, match=rf"model.layers.0.self_attn.{target}: expected its op in the graph that "
+                                           r"reads its weight .*capture_dynamic_output_shape_ops = True") as e:
+        compiled(input_ids=example_ids())
+    err = e.value if isinstance(e.value, GraphRewriteError) else e.value.__cause__ or e.value.inner_exception
+    assert isinstance(err, GraphRewriteError) and len(err.problems) == 1
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int8_dynamic", "float8", "intx_int4", "nf4", "int4_cpu"])
 def test_torchao_formats_equal_the_eager_reference(fmt):
     model = torchao_llama(fmt)
@@ -142,13 +183,15 @@ def test_torchao_formats_equal_the_eager_reference(fmt):
             torch.testing.assert_close(logits(compiled, ids), want, **tol)
 
 
-@pytest.mark.parametrize("base", ["bnb_nf4", "torchao_int8"])
+@pytest.mark.parametrize("base", ["bnb_nf4", "bnb_int8", "torchao_int8"])
 def test_fold_over_a_quantized_weight_is_refused(dense_dir, base):
-    model = bnb_llama(dense_dir) if base == "bnb_nf4" else torchao_llama("int8")
+    model = {"bnb_nf4": bnb_llama, "bnb_int8": bnb_int8_llama}[base](dense_dir) if base != "torchao_int8" \
+        else torchao_llama("int8")
     ad = random_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]))
     compiled = torch.compile(model, backend=lora_fx.backend(ad, mode="fold", inner="aot_eager"))
-    fmt = "bitsandbytes nf4" if base == "bnb_nf4" else "torchao Int8Tensor"
-    with pytest.raises(Exception, match=rf"model.layers.0.self_attn.q_proj: fold mode .* {fmt}.*mode='branch'") as e:
+    fmt = {"bnb_nf4": "bitsandbytes nf4", "bnb_int8": "bitsandbytes int8", "torchao_int8": "torchao Int8Tensor"}[base]
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), \
+            pytest.raises(Exception, match=rf"model.layers.0.self_attn.q_proj: fold mode .* {fmt}.*mode='branch'") as e:
         compiled(input_ids=example_ids())
     assert isinstance(e.value.__cause__ or e.value.inner_exception, GraphRewriteError)
 
@@ -169,29 +212,33 @@ def test_init_adapter_takes_shapes_from_the_quantized_module(dense_dir):
     ad.check(model)
 
 
-def test_qlora_training_step_matches_peft(tmp_path, dense_dir):
-    """Gradients reach A and B through the frozen 4-bit base in the compiled graph, as in PEFT."""
-    pm = peft.get_peft_model(bnb_llama(dense_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                   init_lora_weights=False))
+@pytest.mark.parametrize("base", ["nf4", "int8"])
+def test_qlora_training_step_matches_peft(tmp_path, dense_dir, base):
+    """Gradients reach A and B through the frozen 4-bit (8-bit) base in the compiled graph, as in PEFT."""
+    load = bnb_llama if base == "nf4" else bnb_int8_llama
+    pm = peft.get_peft_model(load(dense_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              init_lora_weights=False))
     pm.save_pretrained(str(tmp_path))
     pm.train()
     ids = example_ids(seq=6)
     want = pm(input_ids=ids, labels=ids).loss
     want.backward()
-    model = bnb_llama(dense_dir).train()
+    model = load(dense_dir).train()
     for p in model.parameters():
         p.requires_grad_(False)
     model.enable_input_require_grads()  # as PEFT's prepare_model_for_kbit_training: see the next test
     be = lora_fx.backend(lora_fx.load_adapter(tmp_path), inner="aot_eager")
     params = be.named_parameters()
-    loss = torch.compile(model, backend=be)(input_ids=ids, labels=ids).loss
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):  # Linear8bitLt compiles whole
+        loss = torch.compile(model, backend=be)(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.testing.assert_close(loss, want, **TOL)
     peft_mods = dict(pm.base_model.model.named_modules())
     for fqn, t in params.items():
         torch.testing.assert_close(t["lora_a"].grad, peft_mods[fqn].lora_A["default"].weight.grad, **TOL)
         torch.testing.assert_close(t["lora_b"].grad, peft_mods[fqn].lora_B["default"].weight.grad, **TOL)
-    assert all(isinstance(m.weight, bnb.nn.Params4bit) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    quantized = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert quantized and all(isinstance(m.weight, (bnb.nn.Params4bit, bnb.nn.Int8Params)) for m in quantized)
 
 
 def test_swap_scale_disable_and_mixed_batches_over_nf4(dense_dir):
@@ -236,7 +283,8 @@ def test_the_base_stays_quantized(dense_dir):
     dense_targets = sum(dict(model.named_modules())[fqn].in_features * dict(model.named_modules())[fqn].out_features * 4
                         for fqn in ad.modules)
     assert held < adapter + 4096 < dense_targets
-    assert all(isinstance(m.weight, bnb.nn.Params4bit) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    quantized = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert quantized and all(isinstance(m.weight, (bnb.nn.Params4bit, bnb.nn.Int8Params)) for m in quantized)
 
 
 def test_a_module_without_a_linear_op_or_a_clear_boundary_is_named():
