@@ -1,7 +1,7 @@
 """Benchmark over a quantized base: lora_fx branch vs the compiled quantized base, PEFT as peers.
 
     python benchmarks/quantized.py                 # NF4 (bitsandbytes) and int8 (torchao), CPU fp32
-    python benchmarks/quantized.py --formats nf4 --reps 12
+    python benchmarks/quantized.py --formats nf4,bnb_int8 --reps 12 --runs 3
 
 For each format, one process builds the same Llama-shaped model (GQA, KV heads = heads / 4), loads
 it quantized, and times side by side, call by call: the compiled quantized base (Inductor), lora_fx
@@ -39,13 +39,16 @@ def dense(args):
 
 
 def quantized(fmt: str, dense_dir: str):
-    """The dense model quantized as users load it: NF4 through transformers' BitsAndBytesConfig,
-    int8 through torchao's quantize_ (lm_head stays dense in both)."""
+    """The dense model quantized as users load it: NF4 and bnb_int8 through transformers'
+    BitsAndBytesConfig, int8 through torchao's quantize_ (lm_head stays dense in all)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if fmt == "nf4":
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                 llm_int8_skip_modules=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
+    elif fmt == "bnb_int8":  # LLM.int8(): compiles whole with capture_dynamic_output_shape_ops (see worker)
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
         model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
     else:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -71,6 +74,7 @@ def worker(fmt: str, args) -> dict:
     from lora_fx.loading import random_adapter
 
     torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True  # bitsandbytes Linear8bitLt's outlier split
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         base = dense(args)
         dense_bytes = weights_bytes(base)
@@ -105,17 +109,25 @@ def worker(fmt: str, args) -> dict:
     return res
 
 
-def table(results: list[dict], args) -> str:
+def table(runs: list[list[dict]], args) -> str:
+    """One row per format and variant; ``runs``: each run's results (one per format). With several
+    runs, the median over runs of each run's ratio, and [min - max] over runs."""
     lines = [f"CPU fp32 compute, Llama hidden {args.hidden}, {args.layers} layers, GQA, vocab {args.vocab}, "
              f"r={args.rank} on 7 projections; prefill {args.seq} tokens, decode batch 1 after {args.seq}; "
-             "ratio to the compiled quantized base of the same run (median per call).", "",
+             f"ratio to the compiled quantized base of the same run (median per call; {len(runs)} run(s)"
+             + (": median over runs [min - max]" if len(runs) > 1 else "") + ").", "",
              "| base | variant | prefill | decode | weight memory vs dense fp32 |", "|---|---|---|---|---|"]
-    for r in results:
-        t = r["times"]
+
+    def cell(ratios: list[float]) -> str:
+        med = statistics.median(ratios)
+        return f"{med:.3f}x" + (f" [{min(ratios):.3f} - {max(ratios):.3f}]" if len(ratios) > 1 else "")
+
+    for i, r in enumerate(runs[0]):
         for name in VARIANTS:
-            ratio = [t[wl][name] / t[wl]["compiled base"] for wl in ("prefill", "decode")]
+            cells = [cell([run[i]["times"][wl][name] / run[i]["times"][wl]["compiled base"] for run in runs])
+                     for wl in ("prefill", "decode")]
             mem = r["weights"].get(name)
-            lines.append(f"| {r['format']} | {name} | {ratio[0]:.3f}x | {ratio[1]:.3f}x | "
+            lines.append(f"| {r['format']} | {name} | {cells[0]} | {cells[1]} | "
                          + (f"{mem:.3f}x" if mem is not None else "") + " |")
     return "\n".join(lines)
 
@@ -131,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--runs", type=int, default=1, help="repeat every format's process; the table gives the spread")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "quantized-cpu.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -138,8 +151,9 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return 0
     given = list(argv or sys.argv[1:])
-    results = [in_worker(__file__, given, fmt) for fmt in args.formats.split(",")]  # one process per format
-    save_table(args.out, __file__, given, table(results, args))
+    runs = [[in_worker(__file__, given, fmt) for fmt in args.formats.split(",")]  # one process per format
+            for _ in range(args.runs)]
+    save_table(args.out, __file__, given, table(runs, args))
     return 0
 
 
