@@ -38,7 +38,7 @@ def dense(args):
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantized(fmt: str, dense_dir: str):
+def quantized(fmt: str, dense_dir: str, threshold: float = 6.0):
     """The dense model quantized as users load it: NF4 and bnb_int8 through transformers'
     BitsAndBytesConfig, int8 through torchao's quantize_ (lm_head stays dense in all)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -48,7 +48,7 @@ def quantized(fmt: str, dense_dir: str):
                                 llm_int8_skip_modules=["lm_head"])
         model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
     elif fmt == "bnb_int8":  # LLM.int8(): compiles whole with capture_dynamic_output_shape_ops (see worker)
-        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"], llm_int8_threshold=threshold)
         model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
     else:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -82,7 +82,7 @@ def worker(fmt: str, args) -> dict:
         cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
         random_adapter(base, cfg, seed=0, std=0.02).save(os.path.join(tmp, "adapter"))
         adapter = lora_fx.load_adapter(os.path.join(tmp, "adapter"))
-        load = lambda: quantized(fmt, os.path.join(tmp, "dense"))  # noqa: E731
+        load = lambda: quantized(fmt, os.path.join(tmp, "dense"), args.int8_threshold)  # noqa: E731
         models, backends = {"compiled base": compiled_forward(load())}, {}
         be = backends["lora_fx branch"] = lora_fx.backend(adapter, mode="branch")
         models["lora_fx branch"] = compiled_forward(load(), be)
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--int8-threshold", type=float, default=6.0,
+                   help="bnb_int8: LLM.int8()'s outlier threshold (0: no outlier columns, one int8 GEMM)")
     p.add_argument("--runs", type=int, default=1, help="repeat every format's process; the table gives the spread")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "quantized-cpu.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -173,6 +173,7 @@ def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, 
     whose forward has the same code, so each call checks whose weight it gets
     (:func:`split_module_problem`)."""
     read_by_op = {s.scope.top(s.weight) for s in sites if s.weight is not None}  # e.g. a tied lm_head
+    kinds = {type(modules[f]) for f in specs if f in modules}  # classes whose forward a targeted module runs
     out, foreign, named = [], [], set()
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "get_attr") or node in read_by_op or not node.users:
@@ -190,7 +191,7 @@ def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, 
         targeted = [f for f in fqns if f in specs]
         out += [split_module_problem(f, node.name, modules.get(f)) for f in targeted if f not in named]
         named.update(targeted)
-        if not targeted:
+        if not targeted and any(type(modules.get(f)) in kinds for f in fqns):
             foreign.append(node)
     return out, foreign
 
