@@ -3,10 +3,13 @@
     python benchmarks/bench.py                # or: lora-fx bench
     python benchmarks/bench.py --hidden 2048 --layers 16 --dtype bfloat16 --device cuda
 
-Each compiled variant runs in its own process beside its own compiled base model (so dynamo's
-cache entries per code object stay comparable); inside a process the variants are timed in turn,
-call by call, and each figure is a median over many calls. Ratios are to that process's compiled
-base. Results go to benchmarks/results/<tag>.{json,md,png}.
+The default model has today's shapes (grouped-query attention with 4 query heads per KV head,
+intermediate 3.5x hidden) at hidden 512, then fold and branch again at hidden 1024
+(``--also-hidden``). Each lora_fx variant runs in its own process beside its own compiled base
+model (so dynamo's cache entries per code object stay comparable; PEFT compiles its own frame);
+inside a process the variants are timed in turn, call by call, and each figure is a median over
+many calls. Ratios are to that process's compiled base. Results go to
+benchmarks/results/<tag>.{json,md,png} (and <tag>-h1024.*).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from collections.abc import Callable
 import torch
 
 GROUPS = {  # process -> variants timed together with their own compiled base
-    "eager": ["eager base", "PEFT eager", "PEFT merged eager"],
-    "peft-compiled": ["PEFT compiled"],
+    "eager": ["eager base", "PEFT eager", "PEFT merged eager", "PEFT compiled"],  # PEFT compiles its own frame
+    "peft-compiled": ["PEFT compiled"],  # opt-in: PEFT compiled alone beside the base
     "fold": ["lora_fx fold"],
     "fold-inplace": ["lora_fx fold in-place"],  # opt-in group: --groups ...,fold-inplace
     "branch": ["lora_fx branch", "lora_fx mixed x4"],  # mixed: batch-8 decode only
@@ -185,7 +188,7 @@ def run_group(group: str, args) -> dict:
             res["weights_mib"][name] = weights_bytes(model, backends.get(name)) / 2**20
         if group in ("fold", "branch"):
             res["swap_ms"] = swap_latency(backends[f"lora_fx {group}"], adapters, tmp, inputs)
-        if group == "peft-compiled":
+        if "PEFT compiled" in models:
             res["swap_ms"] = peft_swap_latency(models["PEFT compiled"], tmp)
     return res
 
@@ -308,15 +311,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--mlp-ratio", type=float, default=8 / 3, help="intermediate size / hidden (3.5 for today's models)")
-    p.add_argument("--kv-groups", type=int, default=1, help="query heads per KV head (4: grouped-query attention)")
+    p.add_argument("--mlp-ratio", type=float, default=3.5, help="intermediate size / hidden")
+    p.add_argument("--kv-groups", type=int, default=4, help="query heads per KV head (grouped-query attention)")
+    p.add_argument("--also-hidden", type=int, default=1024,
+                   help="then the fold and branch groups at this hidden size (prefill and decode, half the reps; "
+                        "0: skip)")
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
     p.add_argument("--reps", type=int, default=24, help="timed calls per variant (decode; prefill takes half)")
-    p.add_argument("--compile-reps", type=int, default=2, help="cold compiles per variant (compile group)")
+    p.add_argument("--compile-reps", type=int, default=1, help="cold compiles per variant (compile group)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--groups", default=",".join(g for g in GROUPS if g != "fold-inplace"),
+    p.add_argument("--groups", default=",".join(g for g in GROUPS if g not in ("fold-inplace", "peft-compiled")),
                    help=f"processes to run, of {list(GROUPS)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {list(WORKLOADS)}")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
@@ -361,7 +367,12 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, f"{tag}.raw.json"), "w") as f:  # kept even if a later group fails
             json.dump(results, f)
         print(f"[bench] {group}: done in {time.time() - t:.0f}s", flush=True)
-    return report(results, args, tag)
+    report(results, args, tag)
+    if args.also_hidden and args.also_hidden != args.hidden and not args.worker:
+        more = ["--hidden", str(args.also_hidden), "--reps", str(max(4, args.reps // 2)), "--also-hidden", "0",
+                "--workloads", "prefill,decode", "--groups", "fold,branch"]
+        return main([*passthrough, "--tag", f"{tag}-h{args.also_hidden}", *more])
+    return 0
 
 
 def in_worker(script: str, argv: list[str], worker: str, *extra: str) -> dict:
@@ -383,7 +394,12 @@ def save_table(path: str, script: str, argv: list[str], text: str) -> None:
 def report(results: list[dict], args: argparse.Namespace, tag: str) -> int:
     """Write <tag>.md, <tag>.json and <tag>.png from the groups' results, and print the table."""
     text, summary = summarize(results, args)
-    header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, r={args.rank} "
+    inter, kv = int(args.hidden * args.mlp_ratio) // 8 * 8, args.hidden // args.kv_groups
+    layer = args.hidden * (2 * args.hidden + 2 * kv) + 3 * args.hidden * inter  # weight MACs per token
+    head = args.vocab * args.hidden
+    header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, intermediate {inter}, "
+              f"{args.kv_groups} query heads per KV head, vocab {args.vocab} (output head: "
+              f"{head / (head + args.layers * layer):.0%} of the weight FLOPs), r={args.rank} "
               f"on all 7 projections, {args.dtype} on {args.device}; prefill {args.seq} tokens, decode with a "
               f"{args.seq}-token KV cache, generate {args.new_tokens} tokens. Ratios: median time / the compiled "
               f"base's median in the same process (in brackets: best call / best call). Absolute times are in the "
