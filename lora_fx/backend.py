@@ -143,8 +143,8 @@ class LoraBackend:
         trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
         compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
         live = {i: state.sources[id(t)][1:] for i, t in enumerate(extra) if id(t) in state.sources}
-        split = _SplitModules(model, done.foreign, state) if done.foreign and model is not None else None
-        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, split)
+        owners = _WeightOwners(model, done.owned, example_inputs, state) if done.owned and model is not None else None
+        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, owners)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -236,31 +236,52 @@ class LoraBackend:
         return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
 
 
-class _SplitModules:
-    """A graph that reads modules' weights without holding their ops (a graph break inside their
-    forward) was compiled for a module outside the adapter; dynamo reuses it for every module
-    whose forward has the same code. Each call checks whose weights it gets and raises for a
-    targeted module, which would otherwise run without its adapter."""
+class _WeightOwners:
+    """Checks, at each call, that a graph gets the weights of the modules it was compiled for.
 
-    def __init__(self, model: torch.nn.Module, positions: list[int], state: LoraState):
-        self.model, self.positions, self.state = model, positions, state
-        self.owners = owners_of(model)
+    Dynamo reuses a compiled graph for every module whose forward has the same code when its
+    guards cannot tell them apart (regional compilation with ``layer.compile``, a graph break
+    between or inside modules); the graph holds the adapter tensors of the modules it was compiled
+    for, so run for another module it would apply the wrong adapter, or none. A weight whose
+    address moved is looked up in the model again (a weight replaced with ``load_state_dict``
+    still belongs to its module)."""
+
+    def __init__(self, model: torch.nn.Module, owned: list[tuple[int, set[str], bool]], args: Sequence[Any],
+                 state: LoraState):
+        self.model, self.state = model, state
+        self.items = [[i, args[i].data_ptr(), fqns, split] for i, fqns, split in owned]
+        self.owners: dict[tuple, list[str]] = {}
 
     def check(self, args: Sequence[Any]) -> None:
-        for i in self.positions:
+        for item in self.items:
+            i, ptr, want, split = item
             t = args[i]
+            if t.data_ptr() == ptr:
+                continue
             key = (t.data_ptr(), tuple(t.shape))
-            if key not in self.owners:  # a weight replaced since: map the model again
+            if key not in self.owners:
                 self.owners = owners_of(self.model)
-            targeted = [f for f in self.owners.get(key, []) if f in self.state.layout.specs]
-            if targeted and self.state._multiplier:  # disabled or scale 0: the base output is right
+            got = set(self.owners.get(key, []))
+            if got & want:
+                item[1] = key[0]
+                continue
+            wrong = sorted((want | got) & set(self.state.layout.specs))
+            if wrong and self.state._multiplier:  # disabled or scale 0: the base output is right
                 modules = g.named(self.model.named_modules())
-                raise GraphRewriteError([split_module_problem(f, f"argument {i}", modules.get(f)) for f in targeted],
-                                        header="cannot apply the adapter to this graph:")
+                if split:  # compiled for a module split by a graph break: the op is in no graph
+                    problems = [split_module_problem(f, f"argument {i}", modules.get(f)) for f in wrong]
+                else:
+                    problems = [f"argument {i}: this graph was compiled for {sorted(want)} and dynamo now runs it for "
+                                f"{sorted(got) or 'a tensor of no module'}: dynamo reuses a compiled graph for every "
+                                "module whose forward has the same code (regional compilation, a graph break between "
+                                "modules), and the graph holds the adapter tensors of the modules it was compiled for. "
+                                "Compile the whole model rather than each repeated block, and remove graph breaks "
+                                "inside the repeated blocks (TORCH_LOGS=graph_breaks shows where they are)"]
+                raise GraphRewriteError(problems, header="cannot apply the adapter to this graph:")
 
 
 def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
-          no_backward: Sequence[str] = (), live: dict | None = None, split: _SplitModules | None = None
+          no_backward: Sequence[str] = (), live: dict | None = None, owners: _WeightOwners | None = None
           ) -> Callable:
     """The function dynamo calls for one graph: bring what it reads up to date, then run it.
 
@@ -269,7 +290,7 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     selection) are passed as they are. ``no_backward``: modules traced without a backward
     (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
     ``live``: positions in ``extra`` read from a module attribute at each call (attached A / B,
-    which FSDP2 swaps between its sharded and gathered forms). ``split``: see :class:`_SplitModules`.
+    which FSDP2 swaps between its sharded and gathered forms). ``owners``: see :class:`_WeightOwners`.
     """
     owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
     slots = [owner.get(id(t), (None, t)) for t in extra]
@@ -282,8 +303,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
         if no_backward and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
             _refuse_training(no_backward)
         with state.lock:
-            if split is not None:
-                split.check(args)
+            if owners is not None:
+                owners.check(args)
             stale = seen[0] != state.generation
             for d, refs in derived if stale else watched:
                 state.check(d, resolve(refs, args))

@@ -34,9 +34,12 @@ def normalize_path(path: str) -> str:
     """A dotted module / parameter path from a dynamo source or nn_module_stack string.
 
     ``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``;
-    ``L['args'][0].model.layers[0].mlp`` -> ``model.layers.0.mlp``; export paths pass through.
+    ``L['args'][0].model.layers[0].mlp`` -> ``model.layers.0.mlp``; ``G['f'].__self__.embed_tokens``
+    (a module reached through a bound method) -> ``embed_tokens``, a suffix of its fqn; export paths pass
+    through.
     """
     path = _ROOT.sub("", path)
+    path = path.rpartition("__self__.")[2]  # a module reached through a bound method (a patched forward)
     path = re.sub(r"\._(?:modules|parameters|buffers)\[", "[", path)
     path = re.sub(r"\[['\"]([^'\"]*)['\"]\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".")

@@ -188,12 +188,39 @@ def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, 
         fqns = owners.get(key, [])
         if not fqns or any(f in found for f in fqns):
             continue
+        readers = {g.module_fqn(u) or "" for u in node.users}  # module paths (relative to the frame) reading it
+        rooted = inputs.paths.get(node) == "weight" and "" in readers  # the frame is the module's own forward
+        # another module reading this weight (a tied head's matmul) is not this module's forward split apart
+        fqns = [f for f in fqns if rooted or any(m and (f == m or f.endswith("." + m)) for m in readers)]
         targeted = [f for f in fqns if f in specs]
         out += [split_module_problem(f, node.name, modules.get(f)) for f in targeted if f not in named]
         named.update(targeted)
         if not targeted and any(type(modules.get(f)) in kinds for f in fqns):
-            foreign.append(node)
+            foreign.append((node, set(fqns)))
     return out, foreign
+
+
+def _owned_weights(inputs: GraphInputs, sites: list[g.Site], foreign: list[tuple[fx.Node, set[str]]], specs: dict,
+                   modules: dict[str, torch.nn.Module]) -> list[tuple[int, set[str], bool]]:
+    """(call position, the modules it was compiled for, whether the graph lacks their op) of every
+    weight input the graph reads for a module of a targeted module's class. Dynamo reuses a
+    compiled graph for every module whose forward has the same code when its guards cannot tell
+    them apart (regional compilation with ``layer.compile``, a graph break between or inside
+    modules): the graph then holds the adapter tensors of the modules it was compiled for, so
+    each call checks whose weights it gets (``backend._WeightOwners``)."""
+    kinds = {type(modules[f]) for f in specs if f in modules}
+    out: dict[int, tuple[set[str], bool]] = {}
+    for s in sites:
+        if s.kind == "param" or s.weight is None or type(modules.get(s.fqn)) not in kinds:
+            continue
+        pos = inputs.ref(s.scope.top(s.weight))
+        if isinstance(pos, int):
+            out.setdefault(pos, (set(), False))[0].add(s.fqn)
+    for node, fqns in foreign:  # weights a graph reads without the module's op (see _split_modules)
+        pos = inputs.ref(node)
+        if isinstance(pos, int):
+            out[pos] = (out.get(pos, (set(), True))[0] | fqns, True)
+    return [(pos, fqns, split) for pos, (fqns, split) in sorted(out.items())]
 
 
 def split_module_problem(fqn: str, what: str, module: torch.nn.Module | None) -> str:
@@ -260,7 +287,7 @@ class Rewritten:
     derived: list[tuple[Derived, tuple]]
     batch: Any = None  # mixed batches: where the call's batch size is read (see passes.mixed)
     no_backward: list[str] = field(default_factory=list)  # see _traced_without_gradient
-    foreign: list[int] = field(default_factory=list)  # call positions of other modules' weights (_split_modules)
+    owned: list[tuple[int, set[str], bool]] = field(default_factory=list)  # see _owned_weights
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
@@ -303,10 +330,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
     modules = {} if model is None else g.named(model.named_modules(remove_duplicate=False))
-    foreign: list[fx.Node] = []
+    foreign: list[tuple[fx.Node, set[str]]] = []
     if owners is not None:
         split, foreign = _split_modules(gm, inputs, owners, specs, found, sites, modules)
         problems += split
+    owned = _owned_weights(inputs, sites, foreign, specs, modules) if owners is not None else []  # before rewriting
     formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     for s in chosen:
         spec = specs[s.fqn]
@@ -394,7 +422,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         graph_module.graph.lint()
         graph_module.recompile()
     return Rewritten(report, derived, batch, no_backward,
-                     [r for r in map(inputs.ref, foreign) if isinstance(r, int)])
+                     owned)
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:

@@ -349,3 +349,83 @@ def test_reference_pass_between_forward_and_backward_keeps_the_gradients():
     for fqn, (a, b) in leaves.items():
         torch.testing.assert_close(params[fqn]["lora_a"].grad, a.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(params[fqn]["lora_b"].grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["model.layers.1.self_attn.q_proj"]])
+def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(targets):
+    """Regional compilation (``layer.compile``): dynamo compiles layer 0's graph and reuses it for
+    layer 1 (same code, weights passed as inputs). The graph holds layer 0's A / B (or none, when
+    only layer 1 is targeted): each call checks whose weights it gets and raises instead of
+    applying the wrong adapter or none."""
+    model = tiny_model("llama")
+    base = copy.deepcopy(model)
+    ad = adapter(model, targets=targets)
+    be = lora_fx.backend(ad, inner="aot_eager")
+    for layer in model.model.layers:
+        layer.compile(backend=be)
+    ids = example_ids()
+    with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match=r"compiled for \['model.layers.0.self_attn.q_"
+                                                                        r"proj'\] and dynamo now runs it for \['model."
+                                                                        r"layers.1.self_attn.q_proj'\]"):
+        model(input_ids=ids, use_cache=False)
+    with torch.no_grad(), be.disabled():  # the base model: the same graph is right for every layer
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits,
+                                   base(input_ids=ids, use_cache=False).logits, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+@pytest.mark.parametrize("targets", [["down_proj"], ["model.layers.1.mlp.down_proj"]])
+def test_a_graph_break_between_modules_of_a_block_is_not_silent(monkeypatch, mode, targets):
+    """A graph break inside LlamaMLP.forward: the graph after it (down_proj) is compiled for layer 0
+    and reused for layer 1. Either lora_fx applies each layer's adapter or it raises; it never
+    returns another layer's update or none."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        torch._dynamo.graph_break()
+        return self.down_proj(h)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    model = tiny_model("llama")
+    ad = adapter(model, targets=targets)
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    ids = example_ids()
+    with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match="dynamo now runs it for"):
+        logits(compiled, ids)
+
+
+def test_a_tied_head_reading_a_targeted_embedding_in_another_graph_is_applied():
+    """embed_tokens targeted, its weight tied to an output head that reads it with a matmul in
+    another graph (a graph break between them): that read is the head's, not embed_tokens' forward
+    split apart, so nothing is refused and the output equals the reference."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    class MatmulHead(torch.nn.Linear):
+        def forward(self, h):
+            return h @ self.weight.t()
+
+    model.lm_head.__class__ = MatmulHead
+    inner = model.model.forward
+
+    def broken(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        torch._dynamo.graph_break()  # the head in another graph than embed_tokens
+        return out
+
+    model.model.forward = broken
+    ad = adapter(model, targets=["embed_tokens", "q_proj"])
+    be = lora_fx.backend(ad, inner="aot_eager")
+    ids = example_ids()
+    with torch.no_grad():
+        got = logits(torch.compile(model, backend=be), ids)
+        want = reference(model, ad, ids)
+    assert (want - logits(model, ids)).abs().max() > 1e-3, "the adapter changes the output"
+    torch.testing.assert_close(got, want, **TOL)
+    assert len(be.reports) > 1
