@@ -243,14 +243,14 @@ class _WeightOwners:
     guards cannot tell them apart (regional compilation with ``layer.compile``, a graph break
     between or inside modules); the graph holds the adapter tensors of the modules it was compiled
     for, so run for another module it would apply the wrong adapter, or none. A weight whose
-    address moved is looked up in the model again (a weight replaced with ``load_state_dict``
-    still belongs to its module)."""
+    address moved is looked up in the model as it is now (a weight replaced with
+    ``load_state_dict`` still belongs to its module; FSDP2 gathers weights into fresh memory whose
+    address another module's weight may have had)."""
 
     def __init__(self, model: torch.nn.Module, owned: list[tuple[int, set[str], bool]], args: Sequence[Any],
                  state: LoraState):
         self.model, self.state = model, state
         self.items = [[i, args[i].data_ptr(), fqns, split] for i, fqns, split in owned]
-        self.owners: dict[tuple, list[str]] = {}
 
     def check(self, args: Sequence[Any]) -> None:
         for item in self.items:
@@ -259,9 +259,7 @@ class _WeightOwners:
             if t.data_ptr() == ptr:
                 continue
             key = (t.data_ptr(), tuple(t.shape))
-            if key not in self.owners:
-                self.owners = owners_of(self.model)
-            got = set(self.owners.get(key, []))
+            got = set(owners_of(self.model).get(key, []))  # the model now: FSDP2 reuses freed addresses
             if got & want:
                 item[1] = key[0]
                 continue
