@@ -32,6 +32,7 @@ from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, owners_of, rewrite_graph, split_module_problem
 from .slots import Adapters
 from .state import LoraState, resolve
+from .tensors import address
 
 INNER = ("inductor", "aot_eager", "eager")
 FUSE_TOKENS = 16  # Inductor: at most this many static tokens, the branch is fused reductions (CPU fp32:
@@ -250,15 +251,16 @@ class _WeightOwners:
     def __init__(self, model: torch.nn.Module, owned: list[tuple[int, set[str], bool]], args: Sequence[Any],
                  state: LoraState):
         self.model, self.state = model, state
-        self.items = [[i, args[i].data_ptr(), fqns, split] for i, fqns, split in owned]
+        self.items = [[i, address(args[i]), fqns, split] for i, fqns, split in owned]
 
     def check(self, args: Sequence[Any]) -> None:
         for item in self.items:
             i, ptr, want, split = item
             t = args[i]
-            if t.data_ptr() == ptr:
+            at = address(t)
+            if at == ptr:
                 continue
-            key = (t.data_ptr(), tuple(t.shape))
+            key = (at, tuple(t.shape))
             got = set(owners_of(self.model).get(key, []))  # the model now: FSDP2 reuses freed addresses
             if got & want:
                 item[1] = key[0]

@@ -230,6 +230,23 @@ def site_kind(node: fx.Node) -> str | None:
     return None
 
 
+def _positional(node: fx.Node) -> None:
+    """Move a site op's operands passed by keyword (``F.linear(x, weight=w)``) into its positional
+    args, where :class:`Site` reads them."""
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments if not a.kwarg_only] if schema is not None else {
+        F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        torch.addmm: ("input", "mat1", "mat2")}.get(node.target, ("input", "weight", "bias", "stride", "padding",
+                                                                   "dilation", "groups"))  # linear, conv
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    if len(args) > len(node.args):
+        node.args, node.kwargs = tuple(args), kwargs
+
+
 # higher-order ops whose body is called once with the operands that follow it: body index, first operand
 _hop = torch.ops.higher_order
 BODY_HOPS = {_hop.tag_activation_checkpoint: (0, 1), _hop.wrap: (0, 1), _hop.wrap_activation_checkpoint: (0, 1),
@@ -288,6 +305,7 @@ def find_sites(gm: fx.GraphModule, fallback_paths: dict[fx.Node, str] | None = N
                 continue
             kind = site_kind(node)
             if kind is not None and not node.meta.get(MARK):
+                _positional(node)
                 path = _site_path(node, scope, fallback_paths)
                 if why is not None:
                     refused.append(Refused(node, path, why))

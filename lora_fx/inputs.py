@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .graph import MARK, fake_mode_of, normalize_path, tensor_meta
+from .tensors import address
 
 HOLDER = "lora_fx"
 
@@ -57,7 +58,7 @@ class GraphInputs:
     def node_for_tensor(self, t: torch.Tensor) -> fx.Node | None:
         """The graph input that holds ``t`` (same storage and shape)."""
         return next((n for n, v in self.values.items() if not n.meta.get(MARK)
-                     and v.data_ptr() == t.data_ptr() and v.shape == t.shape), None)
+                     and address(v) == address(t) and v.shape == t.shape), None)
 
     def ref(self, node: fx.Node | None) -> Any:
         """Where a call finds ``node``'s tensor: its value (a graph that is not called with it)."""

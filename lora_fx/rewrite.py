@@ -24,6 +24,7 @@ from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_b
 from .passes.mixed import batched_input
 from .quantized import module_format, quant_format
 from .state import Derived, LoraState
+from .tensors import address
 
 MODES = ("branch", "fold")
 
@@ -77,7 +78,7 @@ def owners_of(model: torch.nn.Module) -> dict[tuple, list[str]]:
     for fqn, mod in g.named(model.named_modules(remove_duplicate=False)).items():
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor):
-            out.setdefault((w.data_ptr(), tuple(w.shape)), []).append(fqn)
+            out.setdefault((address(w), tuple(w.shape)), []).append(fqn)
     return out
 
 
@@ -93,7 +94,7 @@ def attribute(path: str, weight: torch.Tensor | None, wanted: Iterable[str],
         return fqn == path or not path or fqn.endswith("." + path)
 
     if owners is not None and weight is not None:
-        cands = owners.get((weight.data_ptr(), tuple(weight.shape)), [])
+        cands = owners.get((address(weight), tuple(weight.shape)), [])
         best = [f for f in cands if fits(f)] or cands
         exact = [f for f in best if f == path]
         if exact or len(best) == 1:
@@ -138,20 +139,33 @@ def _param_sites(top: g.Scope, specs: dict, inputs: GraphInputs, params: dict[st
 
 
 def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: GraphInputs,
-                  owners: dict[tuple, list[str]] | None, problems: list[str]) -> list[g.Site]:
+                  owners: dict[tuple, list[str]] | None, problems: list[str], modules: dict[str, torch.nn.Module]
+                  ) -> tuple[list[g.Site], list[g.Site]]:
     """Sites for the targeted linear modules the graph has no linear / Conv1D op of: their module
-    boundary (a quantized weight's kernel, see ``graph.find_module_site``). Problems are appended."""
+    boundary (a quantized weight's kernel, see ``graph.find_module_site``). Problems are appended.
+    Also returns the boundaries of the untargeted modules of those modules' classes: dynamo may
+    run this graph for a targeted one (see :func:`_owned_weights`)."""
     lacking = {fqn for fqn, spec in specs.items() if fqn not in found and not spec.embedding and spec.param is None}
-    out = []
+    out: list[g.Site] = []
+    others: list[g.Site] = []
     if not lacking:
-        return out
+        return out, others
+    kinds = {type(modules[f]) for f in lacking if f in modules}
     for path, groups in g.module_groups(scopes).items():
         for scope, group in groups:
             if any(g.site_kind(n) is not None for n in group):
                 continue  # a module with its own linear op: a plain site, attributed by its weight
             weight = g.module_weight(scope, path, group, inputs.paths)
-            fqn = attribute(path, inputs.value(scope.top(weight)), lacking, owners)
+            value = inputs.value(scope.top(weight))
+            fqn = attribute(path, value, lacking, owners)
             if fqn not in lacking:
+                mod = modules.get(fqn)
+                if type(mod) in kinds and hasattr(mod, "out_features"):
+                    site = g.find_module_site(scope, path, group, (mod.out_features, mod.in_features), inputs.paths,
+                                              weight)
+                    if isinstance(site, g.Site):
+                        site.fqn = fqn
+                        others.append(site)
                 continue
             site = g.find_module_site(scope, path, group, specs[fqn].shape, inputs.paths, weight)
             if isinstance(site, str):
@@ -159,7 +173,7 @@ def _module_sites(scopes: list[g.Scope], found: set[str], specs: dict, inputs: G
             else:
                 site.fqn = fqn
                 out.append(site)
-    return out
+    return out, others
 
 
 def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, list[str]], specs: dict,
@@ -181,11 +195,7 @@ def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, 
         value = inputs.value(node)
         if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
             continue
-        try:
-            key = (value.data_ptr(), tuple(value.shape))
-        except (RuntimeError, NotImplementedError):  # a wrapper subclass without storage of its own
-            continue
-        fqns = owners.get(key, [])
+        fqns = owners.get((address(value), tuple(value.shape)), [])
         if not fqns or any(f in found for f in fqns):
             continue
         readers = {g.module_fqn(u) or "" for u in node.users}  # module paths (relative to the frame) reading it
@@ -317,7 +327,10 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     params = {} if model is None else g.named([*model.named_parameters(remove_duplicate=False),
                                                *model.named_buffers(remove_duplicate=False)])
     chosen += _param_sites(found_ops.scopes[0], specs, inputs, params)
-    chosen += _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs, owners, problems)
+    modules = {} if model is None else g.named(model.named_modules(remove_duplicate=False))
+    boundaries, others = _module_sites(found_ops.scopes, {s.fqn for s in chosen}, specs, inputs, owners, problems,
+                                       modules)
+    chosen += boundaries
     found = {s.fqn for s in chosen}
     for r in found_ops.refused:
         fqn = attribute(r.path or "", None, specs, owners) if r.path is not None else None
@@ -329,12 +342,12 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                 if unattributed else f"; modules seen in the graph: {sorted({s.fqn for s in sites})[:8]}")
         problems += [f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none{hint}"
                      for fqn in missing]
-    modules = {} if model is None else g.named(model.named_modules(remove_duplicate=False))
     foreign: list[tuple[fx.Node, set[str]]] = []
+    held = sites + boundaries + others  # every op the graph holds for a module
     if owners is not None:
-        split, foreign = _split_modules(gm, inputs, owners, specs, found, sites, modules)
+        split, foreign = _split_modules(gm, inputs, owners, specs, {s.fqn for s in held}, held, modules)
         problems += split
-    owned = _owned_weights(inputs, sites, foreign, specs, modules) if owners is not None else []  # before rewriting
+    owned = _owned_weights(inputs, held, foreign, specs, modules) if owners is not None else []  # before rewriting
     formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     for s in chosen:
         spec = specs[s.fqn]

@@ -20,10 +20,19 @@ Nothing here keeps state; ``LoraState`` decides when to call these and where the
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .adapter import LoraWeights, regrouped, ungrouped
 
 IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coefficient's value when unused
+
+
+def address(t: torch.Tensor) -> int:
+    """Where ``t``'s data lies: its storage address or, for a wrapper tensor subclass (torchao's
+    quantized weights, NF4, DTensor), whose own ``data_ptr()`` is 0, its first inner tensor's."""
+    while is_traceable_wrapper_subclass(t):
+        t = getattr(t, t.__tensor_flatten__()[0][0])
+    return t.data_ptr()
 
 
 def as_out_in(weight: torch.Tensor, kind: str) -> torch.Tensor:

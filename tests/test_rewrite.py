@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import lora_fx
 from lora_fx import GraphRewriteError, LoraConfig, RewriteConfig, testing
+from lora_fx.loading import random_adapter
 
 SETTINGS = dict(max_examples=examples(12), deadline=None, suppress_health_check=list(HealthCheck))
 modes = st.sampled_from(["branch", "fold"])
@@ -174,3 +175,41 @@ def test_bad_mode():
     model, ad, _ = small_case()
     with pytest.raises(ValueError, match="mode"):
         RewriteConfig(ad, mode="merge")
+
+
+class _KwLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(input=x, weight=self.weight, bias=self.bias)
+
+
+class _KwEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return torch.nn.functional.embedding(input=ids, weight=self.weight)
+
+
+class _KwConv(torch.nn.Conv2d):
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, weight=self.weight, bias=self.bias)
+
+
+class _KwNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj, self.conv = _KwEmbedding(10, 8), _KwLinear(8, 8), _KwConv(8, 8, 1)
+
+    def forward(self, ids):
+        return self.conv(self.proj(self.emb(ids)).transpose(1, 2)[..., None])
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_operands_passed_by_keyword_are_applied(mode):
+    """``F.linear(input=x, weight=w)``, ``F.embedding(input=i, weight=w)``, ``F.conv2d(x, weight=w)``:
+    the ops' operands reach the graph as keywords."""
+    torch.manual_seed(0)
+    model = _KwNet()
+    ad = random_adapter(model, LoraConfig(r=2, target_modules=["emb", "proj", "conv"]))
+    ids = torch.randint(0, 10, (2, 5))
+    want = lora_fx.lora_forward(model, ad, ids)
+    assert (want - model(ids)).abs().max() > 1e-2
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    torch.testing.assert_close(compiled(ids), want, atol=1e-4, rtol=1e-4)
