@@ -14,10 +14,7 @@ compiled base of the same run. Results: benchmarks/results/diffusion-cpu.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,7 +22,7 @@ import time
 
 import torch
 
-from lora_fx.bench import in_worker, save_table
+from lora_fx.bench import in_worker, run_worker, save_table, script_parser
 
 VARIANTS = ("compiled base", "lora_fx branch", "lora_fx fold", "diffusers+PEFT eager", "diffusers+PEFT compiled")
 
@@ -116,15 +113,8 @@ def table(results: list[dict], args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="unet,flux")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "diffusion-cpu.md"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)))
+    args = script_parser(__doc__, "diffusion-cpu.md", models="unet,flux", rank=16, reps=20).parse_args(argv)
+    if run_worker(args, worker):
         return 0
     given = list(argv or sys.argv[1:])
     results = [in_worker(__file__, given, name) for name in args.models.split(",")]  # one process per model

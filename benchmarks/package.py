@@ -12,7 +12,6 @@ the compiled base (median of interleaved calls). Results: benchmarks/results/pac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 
 import torch
 
-from lora_fx.bench import in_worker, save_table
+from lora_fx.bench import in_worker, run_worker, save_table, script_parser
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,19 +99,10 @@ def steady(tmp: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "package-cpu.md"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p = script_parser(__doc__, "package-cpu.md", hidden=512, layers=4, rank=16, seq=128, reps=20)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        res = steady(args.tmp, args) if args.worker == "steady" else cold(args.worker, args.tmp, args)
-        print("RESULT " + json.dumps(res))
+    if run_worker(args, lambda w, a: steady(a.tmp, a) if w == "steady" else cold(w, a.tmp, a)):
         return 0
     import lora_fx
 

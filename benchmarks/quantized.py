@@ -13,8 +13,6 @@ Results: benchmarks/results/quantized-cpu.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,20 +20,20 @@ import tempfile
 
 import torch
 
-from lora_fx.bench import PROJ, Inputs, compiled_forward, in_worker, save_table, timed, weights_bytes
+from lora_fx.bench import (
+    PROJ,
+    Inputs,
+    build,
+    compiled_forward,
+    in_worker,
+    run_worker,
+    save_table,
+    script_parser,
+    timed,
+    weights_bytes,
+)
 
 VARIANTS = ("compiled base", "lora_fx branch", "PEFT eager", "PEFT compiled")
-
-
-def dense(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(4, args.hidden // 64)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 4,
-                      max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def quantized(fmt: str, dense_dir: str, threshold: float = 6.0):
@@ -76,7 +74,7 @@ def worker(fmt: str, args) -> dict:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.capture_dynamic_output_shape_ops = True  # bitsandbytes Linear8bitLt's outlier split
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        base = dense(args)
+        base = build(args)  # dense, fp32
         dense_bytes = weights_bytes(base)
         base.save_pretrained(os.path.join(tmp, "dense"))
         cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
@@ -133,24 +131,13 @@ def table(runs: list[list[dict]], args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--formats", default="nf4,int8")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--reps", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--new-tokens", type=int, default=8)
+    p = script_parser(__doc__, "quantized-cpu.md", formats="nf4,int8", hidden=512, layers=4, vocab=8192, rank=16,
+                      seq=128, reps=16, device="cpu", new_tokens=8)
     p.add_argument("--int8-threshold", type=float, default=6.0,
                    help="bnb_int8: LLM.int8()'s outlier threshold (0: no outlier columns, one int8 GEMM)")
     p.add_argument("--runs", type=int, default=1, help="repeat every format's process; the table gives the spread")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "quantized-cpu.md"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)))
+    if run_worker(args, worker):
         return 0
     given = list(argv or sys.argv[1:])
     runs = [[in_worker(__file__, given, fmt) for fmt in args.formats.split(",")]  # one process per format

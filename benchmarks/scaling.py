@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from lora_fx.bench import PROJ, Inputs, in_worker, timed
+from lora_fx.bench import PROJ, Inputs, build, in_worker, run_worker, script_parser, timed
 
 AXES = {"tokens": [1, 8, 128, 512], "rank": [8, 16, 64], "adapters": [4, 16, 64], "hidden": [256, 512, 1024]}
 
@@ -37,17 +37,6 @@ def model_args(args, axis: str, value: int) -> argparse.Namespace:
     setattr(a, {"tokens": "seq", "rank": "rank", "hidden": "hidden", "adapters": "seq"}[axis],
             value if axis != "adapters" else 128)
     return a
-
-
-def build(a):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(4, a.hidden // 64)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 2,
-                      num_hidden_layers=a.layers, num_attention_heads=heads, num_key_value_heads=heads // 4,
-                      max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def worker(point: str, args) -> dict:
@@ -129,19 +118,9 @@ def chart(results: list[dict], axes: list[str], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--axes", default=",".join(AXES))
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--reps", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "scaling-cpu"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)))
+    args = script_parser(__doc__, "scaling-cpu", axes=",".join(AXES), hidden=512, layers=2, vocab=8192, rank=16,
+                         reps=16, device="cpu").parse_args(argv)
+    if run_worker(args, worker):
         return 0
     given = list(argv if argv is not None else sys.argv[1:])
     axes = args.axes.split(",")

@@ -12,8 +12,6 @@ steps, minus the resident set just before them. Results: benchmarks/results/trai
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +20,7 @@ import time
 
 import torch
 
-from lora_fx.bench import in_worker, save_table
+from lora_fx.bench import in_worker, run_worker, save_table, script_parser
 
 VARIANTS = ("floor", "lora_fx branch", "PEFT eager", "PEFT compiled")
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,19 +102,9 @@ def worker(variant: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "training-cpu.md"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)))
+    args = script_parser(__doc__, "training-cpu.md", hidden=512, layers=4, vocab=8192, rank=16, seq=256, warmup=3,
+                         steps=10).parse_args(argv)
+    if run_worker(args, worker):
         return 0
     given = list(argv or sys.argv[1:])
     res = {v: in_worker(__file__, given, v) for v in VARIANTS}

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,12 +47,13 @@ def build(args: argparse.Namespace):
 
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
+    ratio, groups = getattr(args, "mlp_ratio", 3.5), getattr(args, "kv_groups", 4)  # today's shapes by default
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=int(args.hidden * args.mlp_ratio) // 8 * 8,
-                      num_hidden_layers=args.layers, num_attention_heads=heads,
-                      num_key_value_heads=max(1, heads // args.kv_groups),
+                      intermediate_size=int(args.hidden * ratio) // 8 * 8, num_hidden_layers=args.layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // groups),
                       max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval().to(args.device, getattr(torch, args.dtype))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    return LlamaForCausalLM(cfg).eval().to(getattr(args, "device", "cpu"), dtype)
 
 
 def make_adapter(model, args, seed: int, out_dir: str):
@@ -373,6 +375,25 @@ def main(argv=None) -> int:
                 "--workloads", "prefill,decode", "--groups", "fold,branch"]
         return main([*passthrough, "--tag", f"{tag}-h{args.also_hidden}", *more])
     return 0
+
+
+def script_parser(doc: str, out: str, **options: Any) -> argparse.ArgumentParser:
+    """A benchmark script's arguments: ``options`` (name -> default; ``--name``, typed as its
+    default), ``--out`` (under benchmarks/results) and the hidden ``--worker``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in options.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", out))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def run_worker(args: argparse.Namespace, worker: Callable[[str, argparse.Namespace], dict]) -> bool:
+    """In a worker process (``--worker``): print ``worker``'s result as the RESULT line
+    :func:`in_worker` reads, and return True."""
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)))
+    return bool(args.worker)
 
 
 def in_worker(script: str, argv: list[str], worker: str, *extra: str) -> dict:
