@@ -29,7 +29,7 @@ from .dynamo import (
 )
 from .errors import GraphRewriteError, SwapError, raise_if
 from .inputs import DynamoInputs
-from .rewrite import MODES, RewriteReport, owners_of, rewrite_graph, split_module_problem
+from .rewrite import MODES, RewriteReport, owners_of, param_names, rewrite_graph, split_module_problem
 from .slots import Adapters
 from .state import LoraState, resolve
 from .tensors import address
@@ -261,7 +261,8 @@ class _WeightOwners:
             if at == ptr:
                 continue
             key = (at, tuple(t.shape))
-            got = set(owners_of(self.model).get(key, []))  # the model now: FSDP2 reuses freed addresses
+            # the model now: FSDP2 reuses freed addresses
+            got = set(owners_of(self.model, param_names(self.state.layout.specs)).get(key, []))
             if got & want:
                 item[1] = key[0]
                 continue

@@ -71,15 +71,23 @@ class RewriteReport:
         return "\n".join(lines)
 
 
-def owners_of(model: torch.nn.Module) -> dict[tuple, list[str]]:
+def owners_of(model: torch.nn.Module, params: Iterable[str] = ()) -> dict[tuple, list[str]]:
     """(weight storage address, shape) -> the fqns of the modules whose ``weight`` it is (tied
-    weights have several), for attributing a graph's op to its module by the tensor it reads."""
+    weights have several), for attributing a graph's op to its module by the tensor it reads.
+    ``params``: more parameter names to index the same way (LoRA on bare parameters)."""
     out: dict[tuple, list[str]] = {}
+    names = dict.fromkeys(("weight", *params))
     for fqn, mod in g.named(model.named_modules(remove_duplicate=False)).items():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor):
-            out.setdefault((address(w), tuple(w.shape)), []).append(fqn)
+        for name in names:
+            w = getattr(mod, name, None)
+            if isinstance(w, torch.Tensor):
+                out.setdefault((address(w), tuple(w.shape)), []).append(fqn)
     return out
+
+
+def param_names(specs: dict) -> set[str]:
+    """The names of the bare parameters LoRA is merged into (``ModuleSpec.param``)."""
+    return {spec.param for spec in specs.values() if spec.param is not None}
 
 
 def attribute(path: str, weight: torch.Tensor | None, wanted: Iterable[str],
@@ -211,7 +219,8 @@ def _split_modules(gm: fx.GraphModule, inputs: GraphInputs, owners: dict[tuple, 
 
 
 def _owned_weights(inputs: GraphInputs, sites: list[g.Site], foreign: list[tuple[fx.Node, set[str]]], specs: dict,
-                   modules: dict[str, torch.nn.Module]) -> list[tuple[int, set[str], bool]]:
+                   modules: dict[str, torch.nn.Module], owners: dict[tuple, list[str]]
+                   ) -> list[tuple[int, set[str], bool]]:
     """(call position, the modules it was compiled for, whether the graph lacks their op) of every
     weight input the graph reads for a module of a targeted module's class. Dynamo reuses a
     compiled graph for every module whose forward has the same code when its guards cannot tell
@@ -221,15 +230,27 @@ def _owned_weights(inputs: GraphInputs, sites: list[g.Site], foreign: list[tuple
     kinds = {type(modules[f]) for f in specs if f in modules}
     out: dict[int, tuple[set[str], bool]] = {}
     for s in sites:
-        if s.kind == "param" or s.weight is None or type(modules.get(s.fqn)) not in kinds:
+        if s.weight is None or type(modules.get(s.fqn)) not in kinds:
             continue
         pos = inputs.ref(s.scope.top(s.weight))
         if isinstance(pos, int):
             out.setdefault(pos, (set(), False))[0].add(s.fqn)
+    held = set(out)
     for node, fqns in foreign:  # weights a graph reads without the module's op (see _split_modules)
         pos = inputs.ref(node)
         if isinstance(pos, int):
             out[pos] = (out.get(pos, (set(), True))[0] | fqns, True)
+    # LoRA on bare parameters, merged wherever the parameter is read (no op to split): the same
+    # parameter of the untargeted modules of a targeted one's class
+    by_kind = {(type(modules[f]), specs[f].param) for f in specs if f in modules and specs[f].param is not None}
+    for node, value in inputs.values.items():
+        pos = inputs.ref(node)
+        if not isinstance(pos, int) or pos in held or not node.users:
+            continue
+        fqns = {f for f in owners.get((address(value), tuple(value.shape)), [])
+                if any(type(modules.get(f)) is k and getattr(modules[f], name, None) is value for k, name in by_kind)}
+        if fqns:
+            out[pos] = (fqns, False)
     return [(pos, fqns, split) for pos, (fqns, split) in sorted(out.items())]
 
 
@@ -313,7 +334,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     if any(n.meta.get(g.MARK) for n in gm.graph.nodes):
         raise GraphRewriteError("graph: expected a graph without LoRA, found one lora_fx already rewrote")
     specs = state.layout.specs
-    owners = owners_of(model) if model is not None else None
+    owners = owners_of(model, param_names(specs)) if model is not None else None
     found_ops = g.find_sites(gm, inputs.paths)
     sites, unattributed = found_ops.sites, found_ops.unattributed
 
@@ -345,9 +366,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     foreign: list[tuple[fx.Node, set[str]]] = []
     held = sites + boundaries + others  # every op the graph holds for a module
     if owners is not None:
-        split, foreign = _split_modules(gm, inputs, owners, specs, {s.fqn for s in held}, held, modules)
+        split, foreign = _split_modules(gm, inputs, owners, specs, found | {s.fqn for s in held}, held, modules)
         problems += split
-    owned = _owned_weights(inputs, held, foreign, specs, modules) if owners is not None else []  # before rewriting
+    # before rewriting
+    owned = _owned_weights(inputs, held + [s for s in chosen if s.kind == "param"], foreign, specs, modules,
+                           owners) if owners is not None else []
     formats: dict[str, str | None] = {}  # module fqn -> its weight's quantized format, if any
     for s in chosen:
         spec = specs[s.fqn]

@@ -29,10 +29,14 @@ IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coeffici
 
 def address(t: torch.Tensor) -> int:
     """Where ``t``'s data lies: its storage address or, for a wrapper tensor subclass (torchao's
-    quantized weights, NF4, DTensor), whose own ``data_ptr()`` is 0, its first inner tensor's."""
+    quantized weights, NF4, DTensor), whose own ``data_ptr()`` is 0, its first inner tensor's; for
+    a tensor with no storage to point to, the object's identity."""
     while is_traceable_wrapper_subclass(t):
         t = getattr(t, t.__tensor_flatten__()[0][0])
-    return t.data_ptr()
+    try:
+        return t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 def as_out_in(weight: torch.Tensor, kind: str) -> torch.Tensor:

@@ -373,6 +373,64 @@ def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(targets):
                                    base(input_ids=ids, use_cache=False).logits, **TOL)
 
 
+class _ParamLinear(torch.nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.register_parameter(name, torch.nn.Parameter(torch.randn(16, 16) / 4))
+
+    def forward(self, x):
+        return x @ getattr(self, self.name).T
+
+
+class _ParamBlock(torch.nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.p = _ParamLinear(name)
+
+    def forward(self, x):
+        return x + torch.tanh(self.p(x))
+
+
+class _ParamNet(torch.nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ParamBlock(name) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+@pytest.mark.parametrize("name", ["weight", "w"])
+@pytest.mark.parametrize("layers", [[0, 1, 2], [1]])
+def test_lora_on_bare_parameters_under_regional_compilation_is_not_silent(tmp_path, mode, name, layers):
+    """LoRA merged into a bare parameter (PEFT's target_parameters): compiled whole, PEFT's output;
+    each block compiled on its own, dynamo reuses block 0's graph (with block 0's merged
+    parameter, or none) for blocks 1 and 2: an error, whatever the parameter is called."""
+    torch.manual_seed(0)
+    model = _ParamNet(name).eval()
+    targets = [f"blocks.{i}.p.{name}" for i in layers]
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_parameters=targets,
+                                                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    ad = lora_fx.load_adapter(str(tmp_path))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        want = pm(x)
+        assert (want - model(x)).abs().max() > 1e-2
+        whole = torch.compile(copy.deepcopy(model), backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+        torch.testing.assert_close(whole(x), want, **TOL)
+        be = lora_fx.backend(ad, mode=mode, inner="aot_eager")
+        for block in model.blocks:
+            block.compile(backend=be)
+        with pytest.raises(lora_fx.GraphRewriteError, match=r"compiled for \['blocks.0.p'\] and dynamo now runs it "
+                                                            r"for \['blocks.1.p'\]"):
+            model(x)
+
+
 @pytest.mark.parametrize("mode", ["branch", "fold"])
 @pytest.mark.parametrize("targets", [["down_proj"], ["model.layers.1.mlp.down_proj"]])
 def test_a_graph_break_between_modules_of_a_block_is_not_silent(monkeypatch, mode, targets):
