@@ -117,15 +117,16 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     check_targets = isinstance(config.target_modules, list) or (
         isinstance(config.target_modules, str) and config.target_modules != targets.ALL_LINEAR)
     params = parameter_targets(config, set(parts))
-    owners = [entry.rpartition(".")[0] for entry in config.target_parameters or ()]
-    for module in sorted({m for m in owners if owners.count(m) > 1}):
-        problems.append(f"target_parameters: expected one parameter per module, found several of {module!r} "
-                        f"({[e for e in config.target_parameters if e.rpartition('.')[0] == module]})")
-    for entry in config.target_parameters or ():
-        module, _, _ = entry.rpartition(".")
-        if module not in parts:
-            problems.append(f"target_parameters entry {entry!r}: expected LoRA tensors for module {module!r}, "
-                            "found none")
+    matched = {entry: _entry_modules(entry, set(parts)) for entry in config.target_parameters or ()}
+    for fqn in sorted(set(parts)):
+        names = sorted({e.rpartition(".")[2] for e, fqns in matched.items() if fqn in fqns})
+        if len(names) > 1:
+            problems.append(f"target_parameters: expected one parameter per module, found several of {fqn!r} "
+                            f"({names})")
+    for entry, fqns in matched.items():
+        if not fqns:
+            problems.append(f"target_parameters entry {entry!r}: expected LoRA tensors for module "
+                            f"{entry.rpartition('.')[0]!r} (or a module whose name ends with it), found none")
     for fqn, p in parts.items():
         emb = "emb_a" in p or "emb_b" in p
         a, b = (p.get("emb_a"), p.get("emb_b")) if emb else (p.get("lora_a"), p.get("lora_b"))
@@ -212,6 +213,14 @@ def block_diagonal_factors(config: LoraConfig, fqn: str, a: torch.Tensor,
     return a, b
 
 
+def _entry_modules(entry: str, fqns: set[str]) -> set[str]:
+    """The modules (among ``fqns``) a ``target_parameters`` entry names: as PEFT matches them, the
+    parameter's full name equals the entry or ends with "." + the entry ("p.weight" names every
+    ``*.p``'s weight)."""
+    module, _, param = entry.rpartition(".")
+    return {f for f in fqns if f"{f}.{param}" == entry or f"{f}.{param}".endswith(f".{entry}")}
+
+
 def parameter_targets(config: LoraConfig, fqns: set[str]) -> dict[str, tuple[str, str]]:
     """PEFT key path -> (parameter name, module fqn) for the LoRA that merges into a parameter.
 
@@ -224,8 +233,8 @@ def parameter_targets(config: LoraConfig, fqns: set[str]) -> dict[str, tuple[str
     """
     out: dict[str, tuple[str, str]] = {}
     for name in config.target_parameters or ():
-        module, _, param = name.rpartition(".")
-        out[module] = (param, module)
+        for fqn in _entry_modules(name, fqns):
+            out[fqn] = (name.rpartition(".")[2], fqn)
     for fqn in fqns:
         head, sep, _ = fqn.partition(".base_layer.out_proj")
         if sep and fqn.endswith(".base_layer.out_proj"):

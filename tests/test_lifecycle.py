@@ -405,14 +405,15 @@ class _ParamNet(torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["branch", "fold"])
 @pytest.mark.parametrize("name", ["weight", "w"])
-@pytest.mark.parametrize("layers", [[0, 1, 2], [1]])
+@pytest.mark.parametrize("layers", [[0, 1, 2], [1], "suffix"])
 def test_lora_on_bare_parameters_under_regional_compilation_is_not_silent(tmp_path, mode, name, layers):
     """LoRA merged into a bare parameter (PEFT's target_parameters): compiled whole, PEFT's output;
     each block compiled on its own, dynamo reuses block 0's graph (with block 0's merged
-    parameter, or none) for blocks 1 and 2: an error, whatever the parameter is called."""
+    parameter, or none) for blocks 1 and 2: an error, whatever the parameter is called. An entry
+    names every parameter whose full name ends with it, as PEFT matches ("p.weight")."""
     torch.manual_seed(0)
     model = _ParamNet(name).eval()
-    targets = [f"blocks.{i}.p.{name}" for i in layers]
+    targets = [f"p.{name}"] if layers == "suffix" else [f"blocks.{i}.p.{name}" for i in layers]
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_parameters=targets,
                                                                    init_lora_weights=False))
     pm.save_pretrained(tmp_path)
