@@ -6,8 +6,10 @@
 One step = forward, backward, AdamW on the adapter. The floor is the compiled frozen base with
 the backward to its input only (what any LoRA step must at least cost). Each variant runs in its
 own process (its own compile caches and memory); step time is the median over the timed steps
-after warm-up, and peak memory the largest resident set sampled (every 2 ms) during the timed
-steps, minus the resident set just before them. Results: benchmarks/results/training-cpu.md.
+after warm-up. Peak memory is that of live tensors during one more step, from torch.profiler's
+memory timeline (parameters, gradients, optimizer state, activations and temporaries: what
+torch.cuda.max_memory_allocated counts on a GPU), beside what they held when the step began.
+Results: benchmarks/results/training-cpu.md.
 """
 
 from __future__ import annotations
@@ -15,52 +17,39 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
 
-from lora_fx.bench import in_worker, run_worker, save_table, script_parser
+from lora_fx.bench import PROJ, build, in_worker, run_worker, save_table, script_parser
 
 VARIANTS = ("floor", "lora_fx branch", "PEFT eager", "PEFT compiled")
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_tensor_bytes(step) -> tuple[int, int]:
+    """(peak, at start) of the bytes held by live tensors during one ``step``: torch.profiler's
+    memory timeline over every category (parameters, gradients, optimizer state, activations,
+    temporaries), the CPU counterpart of torch.cuda.max_memory_allocated."""
+    import json
+    import tempfile
 
+    from torch.profiler import ProfilerActivity, profile
 
-class Peak:
-    """The largest resident set seen while running, sampled on a thread."""
-
-    def __enter__(self):
-        self.start, self.peak, self.done = rss(), 0, False
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        p.export_memory_timeline(os.path.join(tmp, "timeline.json"), device="cpu")
+        with open(os.path.join(tmp, "timeline.json")) as f:
+            totals = [sum(row) for row in json.load(f)[1]]
+    return max(totals), totals[0]
 
 
 def worker(variant: str, args) -> dict:
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import lora_fx
 
-    torch.manual_seed(0)
-    heads = args.hidden // 64
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
-                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4))
-    model = LlamaForCausalLM(cfg)
+    model = build(args).train()
     model.requires_grad_(False)
     ids = torch.randint(1, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
     lcfg = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
@@ -92,13 +81,13 @@ def worker(variant: str, args) -> dict:
     for _ in range(args.warmup):
         step()
     times = []
-    with Peak() as peak:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times),
-            "peak_mb": (peak.peak - peak.start) / 2 ** 20}
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak, start = peak_tensor_bytes(step)  # one more step, profiled
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "peak_mb": peak / 2 ** 20,
+            "start_mb": start / 2 ** 20}
 
 
 def main(argv=None) -> int:
@@ -112,10 +101,10 @@ def main(argv=None) -> int:
     lines = [f"CPU fp32, Llama hidden {args.hidden}, {args.layers} layers, GQA (KV heads = heads / 4), intermediate "
              f"3.5x, vocab {args.vocab}; seq {args.seq}, batch 1; r={args.rank} on 7 projections; one step = forward, "
              f"backward, AdamW on the adapter; median of {args.steps} steps after {args.warmup}.", "",
-             "| variant | step (ms) | min-max | ratio to the floor | peak memory during steps (MiB) |",
-             "|---|---|---|---|---|"]
+             "| variant | step (ms) | min-max | ratio to the floor | peak tensor memory in a step (MiB) | at start |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {v} | {r['median'] * 1e3:.1f} | {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} | "
-              f"{r['median'] / floor:.3f}x | {r['peak_mb']:.0f} |" for v, r in res.items()]
+              f"{r['median'] / floor:.3f}x | {r['peak_mb']:.0f} | {r['start_mb']:.0f} |" for v, r in res.items()]
     save_table(args.out, __file__, given, "\n".join(lines))
     return 0
 
