@@ -27,10 +27,15 @@ from .adapter import LoraWeights, regrouped, ungrouped
 IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coefficient's value when unused
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def address(t: torch.Tensor) -> int:
     """Where ``t``'s data lies: its storage address or, for a wrapper tensor subclass (torchao's
     quantized weights, NF4, DTensor), whose own ``data_ptr()`` is 0, its first inner tensor's; for
     a tensor with no storage to point to, the object's identity."""
+    if type(t) in _PLAIN:  # the per-call check's common case, without the subclass test
+        return t.data_ptr()
     while is_traceable_wrapper_subclass(t):
         t = getattr(t, t.__tensor_flatten__()[0][0])
     try:
