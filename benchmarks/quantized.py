@@ -33,7 +33,7 @@ from lora_fx.bench import (
     weights_bytes,
 )
 
-VARIANTS = ("compiled base", "lora_fx branch", "PEFT eager", "PEFT compiled")
+VARIANTS = ("compiled base", "lora_fx branch", "lora_fx fold (requantize)", "PEFT eager", "PEFT compiled")
 
 
 def quantized(fmt: str, dense_dir: str, threshold: float = 6.0):
@@ -84,6 +84,12 @@ def worker(fmt: str, args) -> dict:
         models, backends = {"compiled base": compiled_forward(load())}, {}
         be = backends["lora_fx branch"] = lora_fx.backend(adapter, mode="branch")
         models["lora_fx branch"] = compiled_forward(load(), be)
+        if fmt == "int8":  # opt-in fold over torchao: W' quantized again with the model's config
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            fold = backends["lora_fx fold (requantize)"] = lora_fx.backend(adapter, mode="fold",
+                                                                           requantize=Int8WeightOnlyConfig())
+            models["lora_fx fold (requantize)"] = compiled_forward(load(), fold)
         models["PEFT eager"] = warm(peft.PeftModel.from_pretrained(load(), os.path.join(tmp, "adapter")).eval())
         pm = warm(peft.PeftModel.from_pretrained(load(), os.path.join(tmp, "adapter")).eval())
         pm.forward = torch.compile(pm.forward, dynamic=True)
@@ -102,7 +108,7 @@ def worker(fmt: str, args) -> dict:
                     samples[name].append(timed(fn, args))
             res["times"][wl] = {name: statistics.median(s) for name, s in samples.items()}
         res["weights"] = {name: weights_bytes(m, backends.get(name)) / dense_bytes for name, m in models.items()
-                          if name in ("compiled base", "lora_fx branch")}
+                          if name in ("compiled base", "lora_fx branch", "lora_fx fold (requantize)")}
         res["weights"]["dense fp32"] = 1.0
     return res
 
@@ -121,7 +127,7 @@ def table(runs: list[list[dict]], args) -> str:
         return f"{med:.3f}x" + (f" [{min(ratios):.3f} - {max(ratios):.3f}]" if len(ratios) > 1 else "")
 
     for i, r in enumerate(runs[0]):
-        for name in VARIANTS:
+        for name in (v for v in VARIANTS if v in r["times"]["prefill"]):
             cells = [cell([run[i]["times"][wl][name] / run[i]["times"][wl]["compiled base"] for run in runs])
                      for wl in ("prefill", "decode")]
             mem = r["weights"].get(name)

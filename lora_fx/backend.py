@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import graph as g
 from .adapter import Adapter
@@ -67,6 +68,11 @@ class LoraBackend:
         fuse_tokens: branch mode: graphs whose token count is static and at most this (decode
             steps) get the update as small reductions Inductor fuses into neighbouring kernels,
             instead of two GEMM calls per op (default 16 with inner="inductor", else 0).
+        requantize: fold mode over torchao-quantized weights (opt-in): a torchao config (e.g.
+            ``Int8WeightOnlyConfig()``, the one the model was quantized with) that W' =
+            dequantize(W) + scale * B A is quantized with again, as PEFT's merge does. W' then
+            carries the format's rounding (measured in the README); without it, fold over a
+            quantized weight is refused.
         reserve: adapters (or lists / mappings, as ``adapters``) that ``swap`` may bring later
             with other target sets, ranks or variants: the graphs hold the union of their modules
             (the modules an active adapter lacks run the base op with a zero update), so swapping
@@ -86,7 +92,7 @@ class LoraBackend:
 
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
                  max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
-                 reserve: Sequence[Adapters] = ()):
+                 reserve: Sequence[Adapters] = (), requantize: Any = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
         if fuse_tokens is not None and (not isinstance(fuse_tokens, int) or fuse_tokens < 0):
@@ -94,7 +100,7 @@ class LoraBackend:
         self.mode = mode
         self.fuse_tokens = fuse_tokens if fuse_tokens is not None else FUSE_TOKENS if inner == "inductor" else 0
         self.inner = _inner_backend(inner)
-        self.state = LoraState(adapters, mode, max_rank, inplace=inplace, reserve=reserve)
+        self.state = LoraState(adapters, mode, max_rank, inplace=inplace, reserve=reserve, requantize=requantize)
         self.lock = self.state.lock
         self.reports: list[RewriteReport] = []
         self.model: torch.nn.Module | None = None
@@ -136,16 +142,19 @@ class LoraBackend:
         if model is not None and self.model is None:
             self._check_model(model)
         state = self.state
+        read = {n for n in gm.graph.find_nodes(op="placeholder") if n.users}
         with state.lock:
             done = rewrite_graph(gm, inputs, state, self.fuse_tokens, model=model, require_all=False)
         self.reports.append(done.report)
         self._seen |= set(done.report.modules) | set(done.report.substituted)
         extra = tuple(inputs.extra)
         trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
-        compiled = self.inner(gm, [*example_inputs, *static_fakes(extra, trainable)])
+        dropped = _drop_replaced_subclass_inputs(gm, example_inputs, read)
+        kept = [x for i, x in enumerate(example_inputs) if i not in dropped]
+        compiled = self.inner(gm, [*kept, *static_fakes(extra, trainable)])
         live = {i: state.sources[id(t)][1:] for i, t in enumerate(extra) if id(t) in state.sources}
         owners = _WeightOwners(model, done.owned, example_inputs, state) if done.owned and model is not None else None
-        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, owners)
+        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, owners, dropped)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -281,9 +290,24 @@ class _WeightOwners:
                 raise GraphRewriteError(problems, header="cannot apply the adapter to this graph:")
 
 
+def _drop_replaced_subclass_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], read: set) -> set[int]:
+    """Remove the graph's inputs that the rewrite left unread and that are tensor subclasses (a
+    quantized weight a requantized W' replaced): AOTAutograd would unwrap each at every call for
+    nothing. Returns their positions, which the call then leaves out."""
+    dropped = set()
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if i < len(example_inputs) and node in read and not node.users \
+                and is_traceable_wrapper_subclass(example_inputs[i]):
+            gm.graph.erase_node(node)
+            dropped.add(i)
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
 def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
-          no_backward: Sequence[str] = (), live: dict | None = None, owners: _WeightOwners | None = None
-          ) -> Callable:
+          no_backward: Sequence[str] = (), live: dict | None = None, owners: _WeightOwners | None = None,
+          dropped: set[int] = frozenset()) -> Callable:
     """The function dynamo calls for one graph: bring what it reads up to date, then run it.
 
     ``extra`` are the tensors appended to every call; those that belong to a derived set are
@@ -292,6 +316,7 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
     ``live``: positions in ``extra`` read from a module attribute at each call (attached A / B,
     which FSDP2 swaps between its sharded and gathered forms). ``owners``: see :class:`_WeightOwners`.
+    ``dropped``: positions of the call's arguments the compiled graph no longer takes.
     """
     owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
     slots = [owner.get(id(t), (None, t)) for t in extra]
@@ -319,6 +344,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
             tensors = current[0]
             if live:
                 tensors = tuple(getattr(*live[i]) if i in live else t for i, t in enumerate(tensors))
+            if dropped:
+                args = [a for i, a in enumerate(args) if i not in dropped]
             return compiled(*args, *tensors)
 
     return run
@@ -343,10 +370,10 @@ def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
             max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
-            reserve: Sequence[Adapters] = ()) -> LoraBackend:
+            reserve: Sequence[Adapters] = (), requantize: Any = None) -> LoraBackend:
     """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
 
     See :class:`LoraBackend` for the arguments.
     """
     return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace, fuse_tokens=fuse_tokens,
-                       reserve=reserve)
+                       reserve=reserve, requantize=requantize)

@@ -1,8 +1,9 @@
 """Quantized base weights: what format a module's weight is in, and its (out, in) shape.
 
-lora_fx never imports bitsandbytes or torchao: it recognises their weights by type. Branch mode
+lora_fx never imports bitsandbytes or torchao to recognise their weights (by type). Branch mode
 works over any module whose forward is a linear map of its input (the update is added at the
-module's output); fold mode needs ``W + delta``, which no quantized format has, so it is refused.
+module's output); fold mode needs ``W + delta``, which no quantized format has, so it is refused,
+unless the user opts in to requantizing a torchao weight (:func:`requantized`).
 """
 
 from __future__ import annotations
@@ -44,3 +45,14 @@ def out_in(module: torch.nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     w = module.weight  # transformers Conv1D stores (in, out)
     return w.shape[1], w.shape[0]
+
+
+def requantized(weight: torch.Tensor, config: object) -> torch.Tensor:
+    """``weight`` (dense, (out, in)) quantized with the torchao ``config``, as torchao's ``quantize_``
+    quantizes a Linear's weight (and as PEFT re-quantizes a merged torchao weight)."""
+    from torchao.quantization import quantize_
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_(linear, config)
+    return linear.weight

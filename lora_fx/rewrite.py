@@ -382,9 +382,12 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             problems.append(f"{s.fqn}: expected its weight to be a parameter of the graph, found {s.weight}")
             continue
         fmt = formats[s.fqn] = quant_format(w) or (f"computed by {s.node.target}" if s.kind == "module" else None)
-        if fmt is not None and state.mode == "fold":
+        requantizable = s.kind == "linear" and (fmt or "").startswith("torchao") and hasattr(w, "dequantize")
+        if fmt is not None and state.mode == "fold" and not (requantizable and state.requantize is not None):
+            hint = ("; or, to fold with the format's rounding, pass requantize=<the torchao config the model was "
+                    "quantized with> (mode='fold', not in place)" if requantizable and not state.inplace else "")
             problems.append(f"{s.fqn}: fold mode merges B A into the weight, which is {fmt}; use mode='branch' "
-                            "(the update is added at the module's output and the weight stays as it is)")
+                            f"(the update is added at the module's output and the weight stays as it is){hint}")
         if fmt is not None and spec.dora:
             problems.append(f"{s.fqn}: DoRA needs the dense weight's row norms, the weight is {fmt}; use plain LoRA")
         if s.kind == "module":

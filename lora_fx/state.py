@@ -29,8 +29,19 @@ import torch
 from .adapter import Adapter, regrouped
 from .errors import AdapterConfigError, StaleWeightError, SwapError, raise_if
 from .originals import OriginalStore
+from .quantized import quant_format, requantized
 from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
-from .tensors import IDENTITY, as_out_in, dora_coefficients, dora_delta, fold_tensors, lora_bias, padded_ab, rank_scale
+from .tensors import (
+    IDENTITY,
+    address,
+    as_out_in,
+    dora_coefficients,
+    dora_delta,
+    fold_tensors,
+    lora_bias,
+    padded_ab,
+    rank_scale,
+)
 
 ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B"}  # A / B's names on their modules once attached
 
@@ -76,12 +87,12 @@ def _lora_placements(fqn: str, weight: torch.Tensor, spec: ModuleSpec) -> tuple[
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "to_local") else t
 
 
 def stamp(tensors: Sequence[torch.Tensor | None]) -> tuple:
     """What identifies the contents of ``tensors``: version counters and storage addresses."""
-    return tuple((_local(t)._version, _local(t).data_ptr()) for t in tensors if t is not None)
+    return tuple((_local(t)._version, address(t)) for t in tensors if t is not None)
 
 
 class Derived:
@@ -113,12 +124,16 @@ class LoraState:
     """
 
     def __init__(self, adapters: Adapters, mode: str, max_rank: int | None = None, inplace: bool = False,
-                 reserve: Sequence[Adapters] = ()):
+                 reserve: Sequence[Adapters] = (), requantize: Any = None):
         if mode not in ("branch", "fold"):
             raise ValueError(f"mode: expected 'branch' or 'fold', found {mode!r}")
         if inplace and mode != "fold":
             raise ValueError(f"inplace: expected mode='fold', found mode={mode!r}")
-        self.mode, self.inplace = mode, inplace
+        if requantize is not None and (mode != "fold" or inplace):
+            raise ValueError(f"requantize: expected mode='fold' without inplace, found mode={mode!r}, "
+                             f"inplace={inplace} (branch mode keeps the quantized weight as it is)")
+        self.mode, self.inplace, self.requantize = mode, inplace, requantize
+        self.requantized: set[str] = set()  # fold: modules whose W' is quantized again (see requantize)
         self.adapters = AdapterSet(adapters)
         if self.adapters.mixed and mode != "branch":
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
@@ -336,6 +351,8 @@ class LoraState:
         key = (fqn,) if self.inplace else (fqn, weight.dtype, weight.device)
         d = self.derived.get(key)
         if d is None:
+            if self.mode == "fold" and not self.inplace and quant_format(weight) is not None:
+                self.requantized.add(fqn)  # the rewrite refused it unless requantize was given
             also = tuple(self.trainable[fqn].values()) if self.mode == "branch" and spec.dora else ()
             d = Derived(fqn, kind, self._allocate(spec, weight, bias), (weight, bias),
                         watch=self.mode == "fold" or spec.dora, also=also)
@@ -370,7 +387,8 @@ class LoraState:
         if self.mode == "fold":
             if self.inplace:
                 return {"bias": torch.zeros(out_f, dtype=weight.dtype, **kw)} if spec.lora_bias and bias is None else {}
-            t = {"weight": torch.empty_like(weight) if spec.groups == 1 else  # a grouped conv folds dense
+            t = {"weight": weight if quant_format(weight) is not None else  # requantized: a new tensor each refresh
+                 torch.empty_like(weight) if spec.groups == 1 else  # a grouped conv folds dense
                  weight.new_empty(weight.shape[0], weight.shape[1] * spec.groups, *weight.shape[2:])}
             if spec.lora_bias:
                 t["bias"] = torch.empty(out_f, dtype=weight.dtype, **kw)
@@ -402,7 +420,8 @@ class LoraState:
 
         The values go into new tensors: a graph run earlier may have saved the old ones for its
         backward (a reference pass under ``disabled()`` between a forward and its backward)."""
-        d.tensors = {role: torch.empty_like(t) for role, t in d.tensors.items()}
+        d.tensors = {role: t if role == "weight" and d.key in self.requantized else torch.empty_like(t)
+                     for role, t in d.tensors.items()}
         self.changes += 1
         with torch.no_grad():
             if d.kind == "override":
@@ -420,8 +439,13 @@ class LoraState:
     def _refresh_fold(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         m = self._multiplier
         groups = self.layout.specs[d.key].groups
-        fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, weight, bias, m, groups)
-        _copy_full(d.tensors["weight"], fresh["weight"])  # tensor parallel: each rank keeps its shard
+        ws = self.adapters.weights(0, d.key) if m else []
+        if d.key in self.requantized:  # W' = quantize(dequantize(W) + scale * B A); off: W itself, not W rounded again
+            fresh = fold_tensors(ws, d.kind, weight.dequantize(), bias, m, groups)
+            d.tensors["weight"] = requantized(fresh["weight"], self.requantize) if ws else weight
+        else:
+            fresh = fold_tensors(ws, d.kind, weight, bias, m, groups)
+            _copy_full(d.tensors["weight"], fresh["weight"])  # tensor parallel: each rank keeps its shard
         if "bias" in d.tensors:  # lora_bias: the merged bias; while off, the base's (or none: zeros)
             new_bias = fresh.get("bias", bias)
             _copy_full(d.tensors["bias"], _full(new_bias)) if new_bias is not None else d.tensors["bias"].zero_()

@@ -28,6 +28,7 @@ IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coeffici
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FIRST_INNER: dict[type, str] = {}  # a wrapper subclass -> the name of its first inner tensor
 
 
 def address(t: torch.Tensor) -> int:
@@ -37,7 +38,11 @@ def address(t: torch.Tensor) -> int:
     if type(t) in _PLAIN:  # the per-call check's common case, without the subclass test
         return t.data_ptr()
     while is_traceable_wrapper_subclass(t):
-        t = getattr(t, t.__tensor_flatten__()[0][0])
+        inner = getattr(t, _FIRST_INNER.get(type(t), ""), None)
+        if not isinstance(inner, torch.Tensor):  # first seen (or an optional inner tensor absent here)
+            name = _FIRST_INNER[type(t)] = t.__tensor_flatten__()[0][0]
+            inner = getattr(t, name)
+        t = inner
     try:
         return t.data_ptr()
     except (RuntimeError, NotImplementedError):

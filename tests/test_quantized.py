@@ -196,6 +196,95 @@ def test_fold_over_a_quantized_weight_is_refused(dense_dir, base):
     assert isinstance(e.value.__cause__ or e.value.inner_exception, GraphRewriteError)
 
 
+def torchao_int8_from_pretrained(dense_dir: str) -> torch.nn.Module:
+    """The dense model loaded int8 weight-only by transformers' TorchAoConfig (PEFT can merge into it)."""
+    import transformers as tf
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    qc = tf.TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    return tf.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc, device_map="cpu").eval()
+
+
+def peft_merged_logits(model: torch.nn.Module, adapter_dir: str, shapes=(DECODE, PREFILL)) -> list[torch.Tensor]:
+    """PEFT's logits with ``adapter_dir`` merged into ``model`` (dequantize, add, requantize)."""
+    pm = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    pm.merge_adapter()
+    with torch.no_grad():
+        return [logits(pm, example_ids(**shape)) for shape in shapes]
+
+
+@pytest.mark.inductor
+def test_fold_with_requantize_matches_peft_merge(tmp_path, dense_dir):
+    """Opt-in fold over torchao int8: W' = quantize(dequantize(W) + scale * B A) with the model's
+    own config, PEFT's merge of a torchao weight; off, the model's own W (not W rounded again)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    peft_trained(torchao_int8_from_pretrained(dense_dir), str(tmp_path))
+    want = peft_merged_logits(torchao_int8_from_pretrained(dense_dir), str(tmp_path))
+    model = torchao_int8_from_pretrained(dense_dir)
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="fold", requantize=Int8WeightOnlyConfig())
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        for shape, w in zip((DECODE, PREFILL), want):
+            ids = example_ids(**shape)
+            base = logits(model, ids)
+            assert (w - base).abs().max() > 1e-2, "the adapter changes the output"
+            torch.testing.assert_close(logits(compiled, ids), w, **TOL)
+            with be.disabled():
+                torch.testing.assert_close(logits(compiled, ids), base, **TOL)
+    assert type(be.state.derived[next(iter(be.state.derived))].tensors["weight"]).__name__ == "Int8Tensor"
+
+
+def test_fold_with_requantize_swaps_and_follows_an_edited_weight(tmp_path, dense_dir):
+    """A swap folds the new adapter (PEFT's merge of it); a weight replaced in the model after
+    compiling is folded from (PEFT's merge over the same replaced weight)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    dirs = [str(tmp_path / name) for name in ("a", "b")]
+    for i, d in enumerate(dirs):
+        torch.manual_seed(i)
+        peft.get_peft_model(torchao_int8_from_pretrained(dense_dir), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)).save_pretrained(d)
+    model = torchao_int8_from_pretrained(dense_dir)
+    be = lora_fx.backend(lora_fx.load_adapter(dirs[0]), mode="fold", requantize=Int8WeightOnlyConfig(),
+                         inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids(**PREFILL)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), peft_merged_logits(
+            torchao_int8_from_pretrained(dense_dir), dirs[0], [PREFILL])[0], **TOL)
+        be.swap(lora_fx.load_adapter(dirs[1]))
+        torch.testing.assert_close(logits(compiled, ids), peft_merged_logits(
+            torchao_int8_from_pretrained(dense_dir), dirs[1], [PREFILL])[0], **TOL)
+
+    def edit(m):  # o_proj's weight replaced by another int8 weight, as a fine-tuning step or a load would
+        from lora_fx.quantized import requantized
+
+        o = m.model.layers[1].self_attn.o_proj
+        o.weight = requantized(o.weight.dequantize() * 0.5, Int8WeightOnlyConfig())
+
+    edit(model)
+    reference = torchao_int8_from_pretrained(dense_dir)
+    edit(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), peft_merged_logits(reference, dirs[1], [PREFILL])[0], **TOL)
+
+
+def test_requantize_is_refused_where_it_does_not_apply(dense_dir):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    with pytest.raises(ValueError, match="requantize: expected mode='fold' without inplace"):
+        lora_fx.backend(random_adapter(dense_llama(), LoraConfig(r=4, target_modules=["q_proj"])), mode="fold",
+                        inplace=True, requantize=Int8WeightOnlyConfig())
+    model = bnb_llama(dense_dir)  # bitsandbytes weights: no requantizing path
+    ad = random_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    compiled = torch.compile(model, backend=lora_fx.backend(ad, mode="fold", inner="aot_eager",
+                                                            requantize=Int8WeightOnlyConfig()))
+    with pytest.raises(Exception, match=r"q_proj: fold mode .* bitsandbytes nf4.*mode='branch'") as e:
+        compiled(input_ids=example_ids())
+    assert isinstance(e.value.__cause__ or e.value.inner_exception, GraphRewriteError)
+
+
 def test_dora_over_a_quantized_weight_is_refused(dense_dir):
     model = bnb_llama(dense_dir)
     with pytest.raises(lora_fx.AdapterConfigError, match="q_proj: DoRA over a quantized weight .*nf4"):
