@@ -390,6 +390,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                             f"(the update is added at the module's output and the weight stays as it is){hint}")
         if fmt is not None and spec.dora:
             problems.append(f"{s.fqn}: DoRA needs the dense weight's row norms, the weight is {fmt}; use plain LoRA")
+        shared = [name for name, p in params.items() if p is w] if state.inplace else []
+        if len(shared) > 1:  # tied weights: merging into the tensor would change every op that reads it
+            problems.append(f"{s.fqn}: fold in place would merge B A into its weight, which is also {sorted(shared)} "
+                            "(tied weights), so the other modules would compute with the update too; use "
+                            "inplace=False (W' is then a separate tensor) or mode='branch'")
         if s.kind == "module":
             continue  # its input and output widths were checked where it was found
         if s.kind == "param" and state.mixed:

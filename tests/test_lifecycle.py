@@ -373,6 +373,29 @@ def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(targets):
                                    base(input_ids=ids, use_cache=False).logits, **TOL)
 
 
+@pytest.mark.parametrize(("arch", "target"), [("gpt2", "wte"), ("gpt2", "lm_head")])
+def test_fold_in_place_into_a_tied_weight_is_refused(tmp_path, arch, target):
+    """GPT-2's token embedding and output head share one tensor: merging B A into it would apply
+    the update to both ops where PEFT applies it to one. Fold in place refuses, naming the shared
+    names, and leaves the weight untouched; fold with a separate W' gives PEFT's logits."""
+    base, pm = peft_adapter(Case(f"{arch}_{target}", arch, {"target_modules": [target]}), str(tmp_path))
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight
+    ad = lora_fx.load_adapter(str(tmp_path))
+    ids = example_ids()
+    with torch.no_grad():
+        want = logits(pm, ids)
+        assert (want - logits(base, ids)).abs().max() > 1e-2
+        model, before = copy.deepcopy(base), base.get_input_embeddings().weight.clone()
+        compiled = torch.compile(model, backend=lora_fx.backend(ad, mode="fold", inplace=True, inner="aot_eager"))
+        with pytest.raises(Exception, match=r"fold in place .* also \['lm_head.weight', "
+                                            r"'transformer.wte.weight'\] \(tied weights\)") as e:
+            logits(compiled, ids)
+        assert isinstance(e.value.__cause__ or e.value.inner_exception, lora_fx.GraphRewriteError)
+        assert torch.equal(model.get_input_embeddings().weight, before)
+        separate = torch.compile(copy.deepcopy(base), backend=lora_fx.backend(ad, mode="fold", inner="aot_eager"))
+        torch.testing.assert_close(logits(separate, ids), want, **TOL)
+
+
 class _ParamLinear(torch.nn.Module):
     def __init__(self, name: str):
         super().__init__()
