@@ -192,6 +192,15 @@ class LoraBackend:
         with self.lock:
             self.state.update(enabled=True)
 
+    def refresh(self) -> None:
+        """Take the model's weights as they are now. Call it after writing them where PyTorch's
+        version counters cannot see (``p.data.copy_(new)``, as diffusers' ``EMAModel.copy_to``
+        does; any other edit is noticed by itself): fold's W' and DoRA's norms are recomputed
+        before the next call, and in place, a weight that no longer holds lora_fx's merge is
+        taken as the new base and merged again (one that still holds it is left as it is)."""
+        with self.lock:
+            self.state.rebase()
+
     def restore(self) -> None:
         """Turn the adapter off. In-place fold: put the model's own weights back exactly (the
         copies saved when they were merged), also after a refused outside change; ``enable``

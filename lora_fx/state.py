@@ -505,6 +505,29 @@ class LoraState:
         elif d.generation != self.generation or (d.watch and stamp((*base, *d.also)) != d.stamp):
             self.refresh(d, base)
 
+    def rebase(self) -> None:
+        """Take the base weights as they are now (written where version counters do not see, e.g.
+        through ``.data``): every derived set is recomputed before the next call; in place, a
+        weight that no longer holds lora_fx's merge is the new base and is merged again."""
+        if self.inplace:
+            for d in self.derived.values():
+                if d.merged and not self._holds_merge(d):
+                    d.merged, d.saved = False, None  # the written values are the new originals
+        self.generation += 1
+        if self.inplace:
+            for d in self.derived.values():
+                self.refresh(d, d.base)
+
+    def _holds_merge(self, d: Derived) -> bool:
+        """Whether ``d``'s weights still hold exactly the merge lora_fx wrote."""
+        originals = [None if t is None else torch.empty_like(t) for t in d.base]
+        self.originals.restore(d.key, originals)
+        m = self._multiplier
+        fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, originals[0], originals[1], m)
+        weight, bias = d.base
+        held = bias if bias is not None else d.tensors.get("bias")
+        return torch.equal(fresh["weight"], weight) and ("bias" not in fresh or torch.equal(fresh["bias"], held))
+
     def _check_in_place(self, ds: Sequence[Derived]) -> None:
         """Raise if a weight holding an in-place merge was changed by someone else."""
         stale = [d.key for d in ds if d.merged and stamp(d.base) != d.stamp]

@@ -373,6 +373,38 @@ def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(targets):
                                    base(input_ids=ids, use_cache=False).logits, **TOL)
 
 
+@pytest.mark.parametrize("variant", ["fold", "fold in place", "DoRA branch"])
+def test_weights_written_through_data_are_taken_by_refresh(variant):
+    """``p.data.copy_(new)`` (diffusers' EMAModel.copy_to) bypasses the version counter the
+    per-call check reads; ``be.refresh()`` takes the weights as they are: the next call equals the
+    eager reference on the new weights. In place, a refresh with nothing written changes nothing
+    (the merged weights are not merged again)."""
+    model = tiny_model("llama")
+    ad = adapter(model, use_dora=variant == "DoRA branch")
+    be = lora_fx.backend(ad, mode="branch" if variant == "DoRA branch" else "fold", inplace=variant == "fold in place",
+                         inner="aot_eager")
+    plain = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        first = logits(compiled, ids)
+        torch.testing.assert_close(first, reference(plain, ad, ids), **TOL)
+        be.refresh()  # nothing written
+        torch.testing.assert_close(logits(compiled, ids), first, **TOL)
+        torch.manual_seed(7)
+        for layer, new in zip(model.model.layers, plain.model.layers):
+            new.self_attn.v_proj.weight.copy_(torch.randn_like(new.self_attn.v_proj.weight))  # the new base weights
+            layer.self_attn.v_proj.weight.data.copy_(new.self_attn.v_proj.weight)
+        be.refresh()
+        want = reference(plain, ad, ids)
+        assert (want - first).abs().max() > 1e-2, "the written weights change the output"
+        torch.testing.assert_close(logits(compiled, ids), want, **TOL)
+        if variant == "fold in place":
+            be.restore()  # the written weights are the originals now
+            torch.testing.assert_close(model.model.layers[0].self_attn.v_proj.weight,
+                                       plain.model.layers[0].self_attn.v_proj.weight, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(("arch", "target"), [("gpt2", "wte"), ("gpt2", "lm_head")])
 def test_fold_in_place_into_a_tied_weight_is_refused(tmp_path, arch, target):
     """GPT-2's token embedding and output head share one tensor: merging B A into it would apply
