@@ -534,7 +534,8 @@ class LoraState:
         raise_if(stale, StaleWeightError,
                  "changed (edited in place, loaded or moved) while holding the adapter folded in place; lora_fx "
                  "cannot tell a new base weight from the merged one. Call be.restore() (it puts back the weights "
-                 "lora_fx saved) before changing the model's weights, and be.enable() after:")
+                 "lora_fx saved, undoing this change in these modules only), make the change again (e.g. load the "
+                 "state dict again), then be.enable(); next time call be.restore() before changing the weights:")
         for d in ds:
             if not d.merged and d.generation == self.generation:
                 d.stamp = stamp(d.base)  # the base itself was changed while not merged: it is the new base
