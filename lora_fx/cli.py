@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoraFxError, OSError, ValueError, KeyError) as e:
         if args.debug:
             raise
-        text = "; ".join(line.strip(" -") for line in str(e).splitlines() if line.strip())
+        lines = [line.strip(" -") for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        text = lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:]) if len(lines) > 1 \
+            else lines[0]  # one line: "header: problem; problem"
         print(f"lora-fx: error: {text}", file=sys.stderr)
         return 2
 
