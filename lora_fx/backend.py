@@ -269,6 +269,7 @@ class _WeightOwners:
     def __init__(self, model: torch.nn.Module, owned: list[tuple[int, set[str], bool]], args: Sequence[Any],
                  state: LoraState):
         self.model, self.state = model, state
+        self.params = param_names(state.layout.specs)
         self.items = [[i, address(args[i]), fqns, split] for i, fqns, split in owned]
 
     def check(self, args: Sequence[Any]) -> None:
@@ -280,7 +281,7 @@ class _WeightOwners:
                 continue
             key = (at, tuple(t.shape))
             # the model now: FSDP2 reuses freed addresses
-            got = set(owners_of(self.model, param_names(self.state.layout.specs)).get(key, []))
+            got = set(owners_of(self.model, self.params).get(key, []))
             if got & want:
                 item[1] = key[0]
                 continue
