@@ -32,7 +32,7 @@ from .errors import GraphRewriteError, SwapError, raise_if
 from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, owners_of, param_names, rewrite_graph, split_module_problem
 from .slots import Adapters
-from .state import LoraState, resolve
+from .state import LoraState, resolve, stamp
 from .tensors import address
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -334,6 +334,14 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     seen = [-1, -1]  # the state's generation and changes when ``current`` was built
     current = [extra]
     device = state.device
+    # one stamp over every watched base tensor: while it and the state's changes are as they were
+    # after this graph's last full check, no derived set it reads can be stale (in place excluded:
+    # its check also reads the weights it wrote)
+    quick = bool(watched) and not state.inplace
+    checked = [None, -1]  # that stamp, and the state's changes after that check
+
+    def watched_stamp(args: Sequence[Any]) -> tuple:
+        return stamp([t for d, refs in watched for t in (*resolve(refs, args), *d.also)])
 
     def run(*args: Any) -> Any:
         if no_backward and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
@@ -342,8 +350,11 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
             if owners is not None:
                 owners.check(args)
             stale = seen[0] != state.generation
-            for d, refs in derived if stale else watched:
-                state.check(d, resolve(refs, args))
+            now = watched_stamp(args) if quick else None
+            if not quick or stale or now != checked[0] or checked[1] != state.changes:
+                for d, refs in derived if stale else watched:
+                    state.check(d, resolve(refs, args))
+                checked[0], checked[1] = now, state.changes
             if stale or seen[1] != state.changes:
                 current[0] = tuple(t if d is None else d.tensors[t] for d, t in slots)
                 seen[0], seen[1] = state.generation, state.changes
