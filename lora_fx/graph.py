@@ -166,6 +166,23 @@ class Site:
             return None
         return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
 
+    def embedding_args(self) -> dict[str, Any]:
+        """An embedding site's padding_idx (-1: none, as aten.embedding takes it), max_norm and
+        scale_grad_by_freq, as its op holds them."""
+        args, kw = self.node.args, self.node.kwargs
+        if self._is_aten_embedding:  # (weight, indices, padding_idx, scale_grad_by_freq, sparse)
+            pad = args[2] if len(args) > 2 else kw.get("padding_idx", -1)
+            return {"padding_idx": pad, "max_norm": None,
+                    "scale_grad_by_freq": args[3] if len(args) > 3 else kw.get("scale_grad_by_freq", False)}
+        # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        pad = args[2] if len(args) > 2 else kw.get("padding_idx")
+        if pad is not None and pad < 0:  # F.embedding counts a negative index from the end
+            meta = tensor_meta(self.weight)
+            pad = pad + meta.shape[0] if meta is not None else pad
+        return {"padding_idx": -1 if pad is None else pad,
+                "max_norm": args[3] if len(args) > 3 else kw.get("max_norm"),
+                "scale_grad_by_freq": args[5] if len(args) > 5 else kw.get("scale_grad_by_freq", False)}
+
     def set_weight(self, new: fx.Node) -> None:
         if self.kind == "param":  # every op that reads the parameter reads ``new``
             self.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

@@ -6,7 +6,7 @@ import re
 import peft
 import pytest
 import torch
-from cases import CASE_IDS, CASES, example_ids, logits, peft_adapter, tiny_model
+from cases import CASE_IDS, CASES, Case, example_ids, logits, peft_adapter, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fx
@@ -147,6 +147,50 @@ def test_training_step_matches_peft(tmp_path):
     with torch._dynamo.config.patch(error_on_recompile=True):
         after = compiled(input_ids=ids, labels=ids).loss
     assert abs(after.item() - loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("fuse_tokens", [0, 64])
+def test_embedding_lora_training_keeps_the_padding_row_as_peft(tmp_path, fuse_tokens):
+    """PEFT looks LoRA's A up with the base embedding's padding_idx: no gradient reaches A's
+    padding row. Phi-3's tiny config has pad_token_id 0, and the ids hold it."""
+    case = Case("phi3_embedding", "phi3", dict(target_modules=["embed_tokens", "qkv_proj"]))
+    base, pm = peft_adapter(case, str(tmp_path))
+    assert base.get_input_embeddings().padding_idx == 0
+    pm.train()
+    ids = example_ids(seq=6)
+    ids[:, 0] = 0
+    pm_loss = pm(input_ids=ids, labels=ids).loss
+    pm_loss.backward()
+    peft_a = pm.base_model.model.model.embed_tokens.lora_embedding_A["default"]
+    assert torch.count_nonzero(peft_a.grad[:, 0]) == 0 and torch.count_nonzero(peft_a.grad[:, 1:]) > 0
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="branch", inner="aot_eager", fuse_tokens=fuse_tokens)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    params = be.named_parameters()
+    loss = torch.compile(base, backend=be)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, pm_loss, atol=1e-5, rtol=1e-5)
+    peft_mods = dict(pm.base_model.model.named_modules())
+    for fqn, tensors in params.items():
+        mod = peft_mods[fqn]
+        want_a, want_b = ((mod.lora_embedding_A["default"].grad.T, mod.lora_embedding_B["default"].grad)
+                          if fqn.endswith("embed_tokens") else
+                          (mod.lora_A["default"].weight.grad, mod.lora_B["default"].weight.grad))
+        torch.testing.assert_close(tensors["lora_a"].grad, want_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tensors["lora_b"].grad, want_b, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_with_max_norm_is_refused(tmp_path):
+    base = tiny_model("llama")
+    base.model.embed_tokens.max_norm = 1.0
+    ad = lora_fx.init_adapter(base, LoraConfig(target_modules=["embed_tokens"]))
+    for mode in ("branch", "fold"):
+        torch._dynamo.reset()
+        compiled = torch.compile(base, backend=lora_fx.backend(ad, mode=mode, inner="eager"))
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e, torch.no_grad():
+            compiled(input_ids=example_ids())
+        assert isinstance(e.value.inner_exception, GraphRewriteError)
+        assert "model.embed_tokens: embedding with max_norm=1.0" in str(e.value)
 
 
 @pytest.mark.inductor

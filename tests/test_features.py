@@ -48,6 +48,29 @@ def test_mixed_batches_with_dora_lora_bias_and_embeddings(variant):
         assert (got[0] - got[2]).abs().max() > 1e-3
 
 
+def test_mixed_batch_embedding_lora_gives_the_padding_rows_no_gradient():
+    """As PEFT's lookup with padding_idx: gradient reaches the looked-up rows of each slot's A,
+    never the padding row (Phi-3's tiny config: pad_token_id 0, and the ids hold it)."""
+    model = tiny_model("phi3")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ads = {n: random_adapter(model, LoraConfig(r=2, target_modules=["embed_tokens"]), seed=i)
+           for i, n in enumerate("ab")}
+    be = lora_fx.backend(ads, inner="aot_eager")
+    be.select(["a", "b"])
+    ids = example_ids(batch=2, seq=5)
+    ids[:, 1] = 0
+    params = be.named_parameters()
+    compiled = torch.compile(model, backend=be)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    grad = params["model.embed_tokens"]["lora_a"].grad  # ((slots + 1) * vocab, R): slot 0 is the base model
+    vocab = model.config.vocab_size
+    for slot, row in ((1, 0), (2, 1)):
+        rows = grad[slot * vocab:(slot + 1) * vocab]
+        assert torch.count_nonzero(rows[0]) == 0
+        assert all(torch.count_nonzero(rows[int(i)]) > 0 for i in ids[row, :-1] if i != 0)  # the last: no loss term
+
+
 def test_modules_to_save_refused_in_mixed_batches(tmp_path):
     case = Case("m", "gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True,
                                                               modules_to_save=["ln_f"]))

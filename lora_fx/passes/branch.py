@@ -74,11 +74,18 @@ def _small_matmul(graph: fx.Graph, a: fx.Node, w: fx.Node) -> fx.Node:
         call(graph, aten.mul.Tensor, (call(graph, aten.unsqueeze.default, (a, 1)), w)), [-1]))
 
 
+def _lookup(graph: fx.Graph, site: Site, a_t: fx.Node, ids: fx.Node) -> fx.Node:
+    """A^T[ids] with the base embedding's padding_idx and scale_grad_by_freq, as PEFT looks A up
+    (they change only the gradient: no gradient reaches A's padding row)."""
+    e = site.embedding_args()
+    return call(graph, aten.embedding.default, (a_t, ids, e["padding_idx"], e["scale_grad_by_freq"]))
+
+
 def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fused: bool) -> fx.Node:
     """y + the update, in the adapter's dtype, with x and y flattened to [M, in] / [M, out]."""
     y = _cast(graph, site.node, lora_dtype)  # exact: the adapter dtype is at least as wide
     if site.kind == "embedding":
-        h = call(graph, aten.embedding.default, (t["lora_a"], call(graph, aten.flatten.using_ints, (site.x,))))
+        h = _lookup(graph, site, t["lora_a"], call(graph, aten.flatten.using_ints, (site.x,)))
     else:
         x = call(graph, aten.flatten.using_ints, (_cast(graph, site.x, lora_dtype), 0, -2))  # [M, in]
         h = (_small_matmul(graph, x, t["lora_a"]) if fused
@@ -147,7 +154,7 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
             out = _update(graph, site, t, lora_dtype, fused=m is not None and m <= fuse_tokens)
         else:
             if site.kind == "embedding":
-                h = call(graph, aten.embedding.default, (t["lora_a"], site.x))  # [..., R]
+                h = _lookup(graph, site, t["lora_a"], site.x)  # [..., R]
             else:
                 h = call(graph, aten.linear.default, (_cast(graph, site.x, lora_dtype), t["lora_a"]))  # [..., R]
             h = call(graph, aten.mul.Tensor, (h, t["scale"]))
