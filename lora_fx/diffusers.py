@@ -55,7 +55,9 @@ def load_diffusers_lora(model: torch.nn.Module, pretrained_model_name_or_path_or
             file; default from the model's class (UNet2DConditionModel: Stable Diffusion's;
             SD3Transformer2DModel; FluxTransformer2DModel).
         prefix: the component's key prefix ("unet", "transformer"); default the loader's.
-        scale, dtype, name: as :func:`lora_fx.load_adapter`.
+        scale, name: as :func:`lora_fx.load_adapter`.
+        dtype: the LoRA tensors' dtype; default the model's, as diffusers casts them to the layers'
+            (a fp16 file on a fp32 model computes in fp32, a fp32 file on a fp16 model in fp16).
         kwargs: passed to ``lora_state_dict`` (``weight_name=``, ``subfolder=``, ...).
 
     Raises:
@@ -87,6 +89,8 @@ def load_diffusers_lora(model: torch.nn.Module, pretrained_model_name_or_path_or
         config_kwargs = get_peft_kwargs(ranks, network_alpha_dict=alphas, peft_state_dict=state_dict,
                                         is_unet=True, model_state_dict=model.state_dict())
     config = LoraConfig.from_dict(_jsonable(config_kwargs), source=f"{prefix} LoRA config")
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return build_adapter(config, {PREFIX + k: v for k, v in state_dict.items()}, scale=scale, dtype=dtype,
                          name=name or prefix, source=f"{prefix} LoRA")
 

@@ -92,8 +92,19 @@ def _override_path(config: LoraConfig, key: str, lora_fqns: set[str]) -> str | N
     return None
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(dtype: torch.dtype | None, found: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """The dtype LoRA tensors are held and computed in: ``dtype`` when given, else fp32 for half
+    precision (PEFT's ``autocast_adapter_dtype=True``, its default: a bf16 / fp16 adapter file,
+    or a bf16 / fp16 model's new adapter, computes in fp32), else ``found``."""
+    return dtype if dtype is not None else torch.float32 if autocast and found in HALF else found
+
+
 def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale: float = 1.0,
-                  dtype: torch.dtype | None = None, name: str | None = None, source: str = "adapter") -> Adapter:
+                  dtype: torch.dtype | None = None, name: str | None = None, source: str = "adapter",
+                  autocast_adapter_dtype: bool = True) -> Adapter:
     """Validate PEFT-format ``tensors`` against ``config``; list every problem in one error."""
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -168,7 +179,7 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
                 problems.append(f"{fqn}.{role}: expected shape {want}, found {tuple(t.shape)}")
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else (t.to(dtype) if dtype is not None else t)
+            return None if t is None else t.to(adapter_dtype(dtype, t.dtype, autocast_adapter_dtype))
 
         w_scale = targets.scale_of(config, fqn, scale)
         if owner != fqn:  # an attention's out_proj: PEFT's merge adds its update twice (see parameter_targets)
@@ -245,15 +256,19 @@ def parameter_targets(config: LoraConfig, fqns: set[str]) -> dict[str, tuple[str
 
 
 def load_adapter(path: str | os.PathLike, *, scale: float = 1.0, dtype: torch.dtype | None = None,
-                 name: str | None = None) -> Adapter:
+                 name: str | None = None, autocast_adapter_dtype: bool = True) -> Adapter:
     """Load a PEFT LoRA adapter.
 
     Args:
         path: a directory with adapter_config.json and adapter_model.safetensors (preferred) or
             adapter_model.bin, or a Hugging Face repo id present in the local cache.
         scale: load-time multiplier on every module's scale (ExLlamaV2's lora_scaling).
-        dtype: cast the adapter's tensors to this dtype; None keeps the file's.
+        dtype: cast the adapter's tensors to this dtype. None: as PEFT loads them, fp16 / bf16
+            tensors in fp32 (the update is computed in fp32, then cast to the model's dtype), other
+            dtypes as the file has them.
         name: label for reports and mixed batches (default: the directory's name).
+        autocast_adapter_dtype: False keeps fp16 / bf16 tensors as the file has them (PEFT's
+            option of that name).
 
     Returns:
         The validated Adapter.
@@ -268,7 +283,8 @@ def load_adapter(path: str | os.PathLike, *, scale: float = 1.0, dtype: torch.dt
     config = LoraConfig.from_json(directory)
     tensors = read_tensors(directory)
     name = name or os.path.basename(os.path.normpath(os.fspath(path)))
-    return build_adapter(config, tensors, scale=float(scale), dtype=dtype, name=name, source=directory)
+    return build_adapter(config, tensors, scale=float(scale), dtype=dtype, name=name, source=directory,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None = None,
@@ -277,7 +293,9 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
 
     A is Kaiming-uniform as nn.Linear's weight (a conv's: its kernel), B is zero (embeddings: A
     zero, B normal), the DoRA magnitude is the weight's row norm (per output) and lora_B's bias
-    is zero, so the adapted model equals the base model until the adapter is trained.
+    is zero, so the adapted model equals the base model until the adapter is trained. The tensors
+    are in ``dtype``, else the module's weight dtype, fp32 for a bf16 / fp16 weight (as PEFT's
+    get_peft_model: training updates are not rounded away).
 
     Raises:
         AdapterConfigError: a targeted module is not Linear / Conv1D / ConvNd / Embedding, or a
@@ -296,7 +314,9 @@ def init_adapter(model: torch.nn.Module, config: LoraConfig, *, seed: int | None
                             f"found {type(mod).__name__}")
             continue
         # a packed quantized weight (bitsandbytes: uint8) computes in the module's compute dtype
-        dt = dtype or (w.dtype if w.dtype.is_floating_point else getattr(mod, "compute_dtype", None) or torch.float32)
+        # (bf16 / fp16: fp32, as PEFT's get_peft_model creates them)
+        dt = adapter_dtype(dtype, w.dtype if w.dtype.is_floating_point
+                           else getattr(mod, "compute_dtype", None) or torch.float32)
         scale = targets.scale_of(config, fqn)
         fmt = module_format(mod)
         if fmt is not None and config.use_dora:

@@ -222,6 +222,42 @@ def test_bf16_adapter_on_fp32_model_matches_reference(tmp_path, mode):
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_half_precision_adapter_file_computes_in_fp32_as_peft(tmp_path, mode, file_dtype):
+    """PEFT loads a bf16 / fp16 adapter file into fp32 LoRA weights (autocast_adapter_dtype=True,
+    its default) and computes the update in fp32; so does load_adapter by default."""
+    from safetensors.torch import load_file, save_file
+
+    base, _ = peft_adapter(CASES[2], str(tmp_path))  # DoRA: its magnitude is cast too
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.to(file_dtype) for k, v in load_file(path).items()}, path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ad = lora_fx.load_adapter(tmp_path)
+    assert all(t.dtype == torch.float32 for w in ad.modules.values() for t in (w.lora_a, w.lora_b, w.magnitude))
+    assert lora_fx.load_adapter(tmp_path, autocast_adapter_dtype=False).modules[
+        "model.layers.0.self_attn.q_proj"].lora_a.dtype == file_dtype
+    ids = example_ids()
+    compiled = torch.compile(base, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    with torch.no_grad():
+        want = logits(pm, ids)
+        assert (want - logits(base, ids)).abs().max() > 0.05
+        torch.testing.assert_close(logits(compiled, ids), want, **TOL)
+
+
+def test_init_adapter_on_a_bf16_model_holds_fp32_as_peft():
+    """get_peft_model on a bf16 model makes fp32 LoRA weights, so small updates are not rounded
+    away in training; init_adapter does the same."""
+    base = tiny_model("llama").to(torch.bfloat16)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    want = {n: p.dtype for n, p in pm.named_parameters() if "lora_" in n}
+    ad = lora_fx.init_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    assert set(want.values()) == {torch.float32}
+    assert {t.dtype for w in ad.modules.values() for t in (w.lora_a, w.lora_b)} == {torch.float32}
+    assert lora_fx.init_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), dtype=torch.bfloat16).modules[
+        "model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+
+
 def test_dynamic_shapes(tmp_path):
     base, pm = peft_adapter(CASES[0], str(tmp_path))
     compiled = torch.compile(base, backend=lora_fx.backend(lora_fx.load_adapter(tmp_path), inner="aot_eager"),

@@ -93,6 +93,30 @@ def test_unet_lora_matches_diffusers(tmp_path, mode):
         torch.testing.assert_close(model(*x).sample, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
+def test_lora_file_dtype_follows_the_model_as_diffusers(tmp_path, dtypes):
+    """diffusers casts a LoRA to its layers' dtype: a fp16 file on a fp32 UNet computes in fp32,
+    a fp32 file on a bf16 UNet in bf16."""
+    from safetensors.torch import load_file, save_file
+
+    model_dtype, file_dtype = dtypes
+    base = tiny_unet()
+    d = saved_lora(base, diffusers.StableDiffusionPipeline, "unet", tmp_path, r=4, lora_alpha=6,
+                   target_modules=ATTENTION + RESNET)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({k: v.to(file_dtype) for k, v in load_file(path).items()}, path)
+    base = base.to(model_dtype)
+    adapter = lora_fx.load_diffusers_lora(base, d)
+    assert {w.lora_a.dtype for w in adapter.modules.values()} == {model_dtype}
+    x = tuple(t.to(model_dtype) if t.is_floating_point() else t for t in unet_inputs())
+    with torch.no_grad():
+        want = oracle(base, d, "unet")(*x).sample
+        assert (want - base(*x).sample).abs().max() > 1e-2
+        model, _ = compiled(base, adapter, "branch")
+        tol = 1e-4 if model_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(model(*x).sample, want, atol=tol, rtol=tol)
+
+
 @pytest.mark.inductor
 @pytest.mark.parametrize("mode", ["branch", "fold"])
 def test_flux_lora_matches_diffusers(tmp_path, mode):
