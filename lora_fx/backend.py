@@ -343,9 +343,13 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
     def watched_stamp(args: Sequence[Any]) -> tuple:
         return stamp([t for d, refs in watched for t in (*resolve(refs, args), *d.also)])
 
+    replaced = [(d.key, refs[0]) for d, refs in derived if d.kind == "override"]  # modules_to_save, saved biases
+
     def run(*args: Any) -> Any:
-        if no_backward and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
-            _refuse_training(no_backward)
+        if (no_backward or replaced) and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
+            if no_backward:
+                _refuse_training(no_backward)
+            _refuse_training_replaced([key for key, ref in replaced if resolve((ref,), args)[0].requires_grad])
         with state.lock:
             if owners is not None:
                 owners.check(args)
@@ -379,6 +383,14 @@ def _refuse_training(fqns: Sequence[str]) -> None:
         header="cannot train through this graph: the gradients of A / B before these modules would be wrong. "
                "Call model.enable_input_require_grads() before the first compiled call (as PEFT's "
                "prepare_model_for_kbit_training does), or run inference under torch.no_grad():")
+
+
+def _refuse_training_replaced(paths: Sequence[str]) -> None:
+    raise_if([f"{path}: the adapter's tensor (modules_to_save, or a saved bias) replaces this parameter in the "
+              "graph, and lora_fx trains only A and B, so neither it nor the model's own parameter would learn "
+              "(PEFT trains its copy)" for path in paths], GraphRewriteError,
+             "cannot train through this graph: freeze these parameters (requires_grad_(False)) to train A and B "
+             "alone, or train this adapter with PEFT:")
 
 
 def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:

@@ -180,6 +180,36 @@ def test_embedding_lora_training_keeps_the_padding_row_as_peft(tmp_path, fuse_to
         torch.testing.assert_close(tensors["lora_b"].grad, want_b, atol=1e-5, rtol=1e-5)
 
 
+def test_training_a_parameter_modules_to_save_replaces_is_refused_unless_frozen(tmp_path):
+    """modules_to_save tensors are substituted, not trained (PEFT trains its copy): a training call
+    while the replaced parameter wants a gradient is refused; frozen, A / B train as PEFT's."""
+    case = next(c for c in CASES if c.name == "gpt2_bias_all_modules_to_save")
+    base, pm = peft_adapter(case, str(tmp_path))
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="branch", inner="aot_eager")
+    params = be.named_parameters()
+    compiled = torch.compile(base, backend=be)
+    ids = example_ids(seq=6)
+    with pytest.raises(GraphRewriteError, match=r"transformer\.ln_f\.weight: the adapter's tensor") as e:
+        compiled(input_ids=ids, labels=ids)
+    assert "requires_grad_(False)" in str(e.value)
+    with torch.no_grad():  # inference is not training
+        torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+    assert "transformer.h.0.attn.c_attn.bias: the adapter's tensor" in str(e.value)  # bias="all" saves biases too
+    for p in base.parameters():
+        p.requires_grad_(False)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for n, p in pm.named_parameters():
+        p.requires_grad_("lora_" in n)
+    want = pm(input_ids=ids, labels=ids).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    peft_mods = dict(pm.base_model.model.named_modules())
+    for fqn, tensors in params.items():
+        torch.testing.assert_close(tensors["lora_a"].grad, peft_mods[fqn].lora_A["default"].weight.grad,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_embedding_with_max_norm_is_refused(tmp_path):
     base = tiny_model("llama")
     base.model.embed_tokens.max_norm = 1.0
