@@ -210,6 +210,23 @@ def test_training_a_parameter_modules_to_save_replaces_is_refused_unless_frozen(
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_modules_to_save_matches_names_by_suffix_as_peft(tmp_path, mode):
+    """PEFT wraps every module whose name ends with a modules_to_save entry: "norm" takes the final
+    norm and every input_layernorm / post_attention_layernorm, and saves them all."""
+    case = Case("llama_norm", "llama", dict(target_modules=["q_proj"], modules_to_save=["norm"]))
+    base, pm = peft_adapter(case, str(tmp_path))
+    ad = lora_fx.load_adapter(tmp_path)
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight"} <= set(ad.overrides)
+    ids = example_ids()
+    compiled = torch.compile(base, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    with torch.no_grad():
+        want = logits(pm, ids)
+        assert (want - logits(base, ids)).abs().max() > 0.05
+        torch.testing.assert_close(logits(compiled, ids), want, **TOL)
+
+
 def test_embedding_with_max_norm_is_refused(tmp_path):
     base = tiny_model("llama")
     base.model.embed_tokens.max_norm = 1.0
