@@ -172,6 +172,16 @@ def lora_forward(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], 
 def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) -> dict[str, torch.Tensor]:
     """The model's state dict with the adapters merged in (PEFT's merge_and_unload, without PEFT)."""
     adapters = as_adapters(adapters)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n: ns for ns in names.values() if len(ns) > 1 for n in ns}
+    changed = [*combined_overrides(adapters), *(f"{fqn}.{ws[0].param or 'weight'}"
+                                                for fqn, ws in combined_modules(adapters).items())]
+    raise_if([f"{k}: is also {[n for n in tied[k] if n != k]} (tied weights); a merged checkpoint holds one "
+              "tensor for them, so the update would reach every module that reads it, or be lost when the "
+              "model ties them again on loading" for k in changed if k in tied], ModelMismatchError,
+             "cannot merge into tied weights (serve with lora_fx.backend, or untie them first):")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sd.update({k: v.to(sd[k].dtype) for k, v in combined_overrides(adapters).items() if k in sd})
     mods = dict(model.named_modules())

@@ -420,6 +420,13 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             if require_all:
                 problems.append(f"{path}: the adapter replaces this tensor, the graph has no such parameter")
             continue
+        tied = sorted(name for name, p in params.items() if p is params[path]) if path in params else []
+        if len(tied) > 1:  # one tensor, one graph input: substituting it would reach every op that reads it
+            problems.append(f"{path}: the adapter replaces this tensor (modules_to_save), which is also "
+                            f"{[n for n in tied if n != path]} (tied weights); every op reading it would see the "
+                            "replacement, where PEFT gives it to this module alone. Untie them before compiling "
+                            f"(model.{path} = torch.nn.Parameter(model.{path}.clone()))")
+            continue
         value = inputs.value(node)
         want = tuple(state.adapters.overrides[path].shape) if path in state.adapters.overrides else tuple(value.shape)
         if tuple(value.shape) != want:

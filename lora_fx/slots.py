@@ -113,6 +113,11 @@ class Layout:
                 for fqn, ws in mods.items():
                     spec = ModuleSpec.of(ws)
                     have = specs.setdefault(fqn, spec)
+                    dtypes = {str(have.dtype)} | {str(w.lora_a.dtype) for w in ws}
+                    if len(dtypes) > 1:
+                        raise SwapError(f"{fqn}: expected the adapters' LoRA tensors in one dtype, found "
+                                        f"{sorted(dtypes)}; the graphs compute each module in one dtype. Load "
+                                        "them with the same dtype= (load_adapter / init_adapter)")
                     specs[fqn] = dataclasses.replace(have, dora=have.dora or spec.dora,
                                                      lora_bias=have.lora_bias or spec.lora_bias)
         overrides = frozenset(aset.overrides).union(*(r.overrides for r in later))
@@ -147,6 +152,9 @@ class Layout:
                 if new.param != spec.param:
                     p.append(f"{fqn}: expected LoRA on {spec.param or 'the module output'}, found it on "
                              f"{new.param or 'the module output'}")
+                if new.dtype != spec.dtype:
+                    p.append(f"{fqn}: expected LoRA tensors in {spec.dtype} (the compiled graphs compute in it), found "
+                             f"{new.dtype}; load the adapter with dtype={spec.dtype}")
                 if (new.shape, new.kernel, new.groups) != (spec.shape, spec.kernel, spec.groups):
                     p.append(f"{fqn}: expected LoRA for (out, in) = {spec.shape}, kernel {spec.kernel}, groups "
                              f"{spec.groups}; found {new.shape}, kernel {new.kernel}, groups {new.groups}")

@@ -2,6 +2,7 @@
 each fails when its row breaks."""
 
 import copy
+import dataclasses
 
 import peft
 import pytest
@@ -48,27 +49,36 @@ def test_mixed_batches_with_dora_lora_bias_and_embeddings(variant):
         assert (got[0] - got[2]).abs().max() > 1e-3
 
 
-def test_mixed_batch_embedding_lora_gives_the_padding_rows_no_gradient():
-    """As PEFT's lookup with padding_idx: gradient reaches the looked-up rows of each slot's A,
-    never the padding row (Phi-3's tiny config: pad_token_id 0, and the ids hold it)."""
+@pytest.mark.parametrize("freq", [False, True])
+def test_mixed_batch_embedding_lora_gradients_match_the_reference(freq):
+    """Each row's A gets the gradient the eager reference (PEFT's lookup: the embedding's
+    padding_idx and scale_grad_by_freq, frequencies counted in that adapter's rows) gives it; the
+    padding row none. Phi-3's tiny config has pad_token_id 0, and the ids hold it, twice per row."""
     model = tiny_model("phi3")
+    model.model.embed_tokens.scale_grad_by_freq = freq
     for p in model.parameters():
         p.requires_grad_(False)
     ads = {n: random_adapter(model, LoraConfig(r=2, target_modules=["embed_tokens"]), seed=i)
            for i, n in enumerate("ab")}
+    ids = example_ids(batch=2, seq=6)
+    ids[:, 1] = ids[:, 4] = 0
+    ids[:, 3] = ids[:, 2]  # a repeated id: scale_grad_by_freq divides its gradient by 2
+    w = torch.randn(2, 6, model.config.vocab_size, generator=torch.Generator().manual_seed(0))
     be = lora_fx.backend(ads, inner="aot_eager")
     be.select(["a", "b"])
-    ids = example_ids(batch=2, seq=5)
-    ids[:, 1] = 0
     params = be.named_parameters()
-    compiled = torch.compile(model, backend=be)
-    compiled(input_ids=ids, labels=ids).loss.backward()
+    (torch.compile(model, backend=be)(input_ids=ids).logits * w).sum().backward()
     grad = params["model.embed_tokens"]["lora_a"].grad  # ((slots + 1) * vocab, R): slot 0 is the base model
     vocab = model.config.vocab_size
-    for slot, row in ((1, 0), (2, 1)):
-        rows = grad[slot * vocab:(slot + 1) * vocab]
-        assert torch.count_nonzero(rows[0]) == 0
-        assert all(torch.count_nonzero(rows[int(i)]) > 0 for i in ids[row, :-1] if i != 0)  # the last: no loss term
+    for slot, (row, name) in enumerate(zip((0, 1), "ab"), start=1):
+        ad = ads[name]
+        wt = ad.modules["model.embed_tokens"]
+        a = wt.lora_a.clone().requires_grad_(True)
+        live = dataclasses.replace(ad, modules={"model.embed_tokens": dataclasses.replace(wt, lora_a=a)})
+        (lora_fx.lora_forward(model, live, input_ids=ids[row:row + 1]).logits * w[row:row + 1]).sum().backward()
+        got = grad[slot * vocab:(slot + 1) * vocab, :2]  # A stored transposed: (vocab, R)
+        torch.testing.assert_close(got, a.grad.T, atol=1e-5, rtol=1e-5)
+        assert torch.count_nonzero(got[0]) == 0 and torch.count_nonzero(got) > 0
 
 
 def test_modules_to_save_refused_in_mixed_batches(tmp_path):

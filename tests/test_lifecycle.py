@@ -9,7 +9,7 @@ import threading
 import peft
 import pytest
 import torch
-from cases import Case, example_ids, logits, peft_adapter, tiny_model, train
+from cases import Case, example_ids, logits, peft_adapter, perturb, tiny_model, train
 
 import lora_fx
 from lora_fx import LoraConfig, LoraFxError, RecompileLimitError, StaleWeightError, SwapError
@@ -543,3 +543,38 @@ def test_a_tied_head_reading_a_targeted_embedding_in_another_graph_is_applied():
     assert (want - logits(model, ids)).abs().max() > 1e-3, "the adapter changes the output"
     torch.testing.assert_close(got, want, **TOL)
     assert len(be.reports) > 1
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_modules_to_save_on_a_tied_weight_is_refused_until_untied(tmp_path, saved, mode):
+    """PEFT gives a modules_to_save copy of a tied head (or embedding) to that module alone; the
+    graph reads the tied tensor through one input, so substituting it would reach both ops
+    (12.1 off PEFT on an effect of 4.4, measured before this was refused). Untied, PEFT's output."""
+    import peft
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=[saved], init_lora_weights=False))
+    perturb(pm, 1)
+    pm.eval().save_pretrained(tmp_path)
+    ad = lora_fx.load_adapter(tmp_path)
+    path = {"lm_head": "lm_head.weight", "embed_tokens": "model.embed_tokens.weight"}[saved]
+    assert path in ad.overrides
+    ids = example_ids()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e:
+            compiled(input_ids=ids)
+        assert f"{path}: the adapter replaces this tensor (modules_to_save), which is also" in str(e.value)
+        head = model.lm_head
+        head.weight = torch.nn.Parameter(head.weight.clone())  # untied
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+        want = logits(pm, ids)
+        assert (want - logits(model, ids)).abs().max() > 0.05
+        torch.testing.assert_close(logits(compiled, ids), want, **TOL)

@@ -77,3 +77,15 @@ def test_merged_state_dict_matches_peft_merge(tmp_path, case):
     ids = example_ids()
     with torch.no_grad():
         torch.testing.assert_close(logits(merged, ids), logits(pm, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_merging_into_a_tied_weight_is_refused():
+    """GPT-2 ties wte and lm_head: a merged checkpoint holds one tensor for both, so merging the
+    embedding's LoRA would reach the head (or be lost when the model ties them on loading)."""
+    base = tiny_model("gpt2")
+    assert base.lm_head.weight is base.transformer.wte.weight
+    ad = lora_fx.init_adapter(base, lora_fx.LoraConfig(target_modules=["wte", "c_attn"]))
+    with pytest.raises(lora_fx.ModelMismatchError, match=r"transformer\.wte\.weight: is also \['lm_head\.weight'\]"):
+        lora_fx.merged_state_dict(base, ad)
+    untied = lora_fx.init_adapter(base, lora_fx.LoraConfig(target_modules=["c_attn"]))
+    assert "transformer.h.0.attn.c_attn.weight" in lora_fx.merged_state_dict(base, untied)

@@ -8,7 +8,8 @@ import torch
 from cases import Case, example_ids, logits, peft_adapter, tiny_model, train
 
 import lora_fx
-from lora_fx import SwapError
+from lora_fx import LoraConfig, SwapError
+from lora_fx.loading import random_adapter
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 TARGETS = {"llama": ["q_proj", "v_proj", "up_proj"], "gpt2": ["c_attn", "c_fc"]}
@@ -246,3 +247,26 @@ def test_optimizer_can_be_built_before_the_first_call_and_trained_adapter_round_
         want = logits(pm, ids)
         assert (want - logits(model, ids)).abs().max() > 1e-3, "training changed the adapter"
         torch.testing.assert_close(logits(compiled, ids), want, **TOL)
+
+
+def test_adapters_in_another_dtype_than_the_graphs_are_refused():
+    """The graphs compute each module in one dtype: a bf16 adapter swapped into a backend built for
+    fp32 LoRA tensors (or mixed with one) would be computed in fp32 silently (3e-3 off its own
+    reference on an effect of 0.5), and the reverse rounded to bf16. Refused, naming the module."""
+    model = tiny_model("llama")
+    cfg = LoraConfig(r=4, target_modules=["q_proj"])
+    fp32, bf16 = random_adapter(model, cfg, seed=1), lora_fx.init_adapter(model, cfg, dtype=torch.bfloat16)
+    with pytest.raises(SwapError, match=r"model.layers.0.self_attn.q_proj: expected the adapters' LoRA tensors in "
+                                        r"one dtype, found \['torch.bfloat16', 'torch.float32'\]"):
+        lora_fx.backend({"a": fp32, "b": bf16})
+    with pytest.raises(SwapError, match="one dtype"):
+        lora_fx.backend(fp32, reserve=[bf16])
+    be = lora_fx.backend(fp32, inner="aot_eager")
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    with torch.no_grad():
+        before = logits(compiled, ids)
+        with pytest.raises(SwapError, match=r"q_proj: expected LoRA tensors in torch.float32 \(the compiled graphs "
+                                            r"compute in it\), found torch.bfloat16"):
+            be.swap(bf16)
+        torch.testing.assert_close(logits(compiled, ids), before)  # the refused swap changed nothing

@@ -77,8 +77,10 @@ def insert_mixed_lora_branch(site: Site, t: dict[str, fx.Node], index: fx.Node, 
 
         if site.kind == "embedding":  # ids [B, S]; A stacked as ((N + 1) * vocab, R)
             offset = _op(graph, aten.mul.Tensor, (_op(graph, aten.unsqueeze.default, (slot, 1)), vocab))
-            h = _op(graph, aten.embedding.default, (t["lora_a"], _op(graph, aten.add.Tensor, (x, offset))))
-            pad = site.embedding_args()["padding_idx"]
+            emb = site.embedding_args()  # frequencies counted on the offset ids: per slot, as PEFT per sub-batch
+            h = _op(graph, aten.embedding.default, (t["lora_a"], _op(graph, aten.add.Tensor, (x, offset)), -1,
+                                                    emb["scale_grad_by_freq"]))
+            pad = emb["padding_idx"]
             if pad >= 0:  # as PEFT's lookup with padding_idx: no gradient reaches A's padding rows
                 at_pad = _op(graph, aten.unsqueeze.default, (_op(graph, aten.eq.Scalar, (x, pad)), -1))
                 h = _op(graph, aten.where.self, (at_pad, _op(graph, aten.detach.default, (h,)), h))
