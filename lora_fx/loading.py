@@ -83,9 +83,7 @@ def _override_path(config: LoraConfig, key: str, lora_fqns: set[str]) -> str | N
     module, _, param = path.rpartition(".")
     if param == "bias" and config.bias in ("all", "lora_only"):
         return path
-    # PEFT wraps every module whose name ends with an entry (plain suffix: "norm" takes input_layernorm
-    # too), and saves a wrapped module's submodules under it
-    if any(module.endswith(m) or re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.modules_to_save or ()):
+    if targets.is_module_copy(config, path):
         return path
     if ".base_layer." in key and module in lora_fqns:
         return path  # a targeted layer's own weight, saved alongside (PEFT's save_embedding_layers)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides, model_problems
 from .errors import ModelMismatchError, raise_if
-from .targets import module_kind
+from .targets import is_module_copy, module_kind
 from .tensors import fold_tensors
 
 
@@ -176,8 +176,8 @@ def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapt
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     tied = {n: ns for ns in names.values() if len(ns) > 1 for n in ns}
-    changed = [*combined_overrides(adapters), *(f"{fqn}.{ws[0].param or 'weight'}"
-                                                for fqn, ws in combined_modules(adapters).items())]
+    changed = [*(path for a in adapters for path in a.overrides if is_module_copy(a.config, path)),
+               *(f"{fqn}.{ws[0].param or 'weight'}" for fqn, ws in combined_modules(adapters).items())]
     raise_if([f"{k}: is also {[n for n in tied[k] if n != k]} (tied weights); a merged checkpoint holds one "
               "tensor for them, so the update would reach every module that reads it, or be lost when the "
               "model ties them again on loading" for k in changed if k in tied], ModelMismatchError,

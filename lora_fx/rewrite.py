@@ -420,7 +420,9 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             if require_all:
                 problems.append(f"{path}: the adapter replaces this tensor, the graph has no such parameter")
             continue
-        tied = sorted(name for name, p in params.items() if p is params[path]) if path in params else []
+        # a modules_to_save copy is the module's alone (a saved base tensor PEFT loads into the shared one)
+        tied = sorted(name for name, p in params.items() if p is params[path]) \
+            if path in params and path in state.layout.copies else []
         if len(tied) > 1:  # one tensor, one graph input: substituting it would reach every op that reads it
             problems.append(f"{path}: the adapter replaces this tensor (modules_to_save), which is also "
                             f"{[n for n in tied if n != path]} (tied weights); every op reading it would see the "

@@ -17,6 +17,7 @@ import torch
 
 from .adapter import Adapter, LoraWeights, as_adapters, combined_modules, combined_overrides
 from .errors import ModelMismatchError, SwapError, raise_if
+from .targets import is_module_copy
 
 Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter | Sequence[Adapter]]
 MAX_ROWS = 4096
@@ -98,6 +99,7 @@ class Layout:
     rank: int
     names: tuple[str, ...]
     overrides: frozenset[str]
+    copies: frozenset[str] = frozenset()  # the overrides that are modules_to_save copies (not loaded into the base)
 
     @staticmethod
     def of(aset: AdapterSet, max_rank: int | None = None, reserve: Sequence[Adapters] = ()) -> Layout:
@@ -121,7 +123,9 @@ class Layout:
                     specs[fqn] = dataclasses.replace(have, dora=have.dora or spec.dora,
                                                      lora_bias=have.lora_bias or spec.lora_bias)
         overrides = frozenset(aset.overrides).union(*(r.overrides for r in later))
-        return Layout(specs, max_rank or needed, tuple(aset.names), overrides)
+        copies = frozenset(path for one in (aset, *later) for slot in one.slots for a in slot
+                           for path in a.overrides if is_module_copy(a.config, path))
+        return Layout(specs, max_rank or needed, tuple(aset.names), overrides, copies)
 
     @property
     def slots(self) -> int:

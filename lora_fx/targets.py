@@ -35,6 +35,14 @@ def is_excluded(config: LoraConfig, fqn: str) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in config.modules_to_save or ())
 
 
+def is_module_copy(config: LoraConfig, path: str) -> bool:
+    """Whether the tensor at ``path`` belongs to a modules_to_save copy: PEFT wraps every module
+    whose name ends with an entry (plain suffix: "norm" takes input_layernorm too) and saves a
+    wrapped module's submodules under it."""
+    module = path.rpartition(".")[0]
+    return any(module.endswith(m) or re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.modules_to_save or ())
+
+
 def layer_index(fqn: str, layers_pattern: str | list[str] | None) -> int | None:
     """The first numbered segment of ``fqn`` (after ``layers_pattern`` when one is given)."""
     if not layers_pattern:
