@@ -402,8 +402,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                             "parameter; serve one adapter per batch (swap)")
         if s.kind == "conv":
             problems += _conv_site_problems(s, spec, state, modules)
-        if s.kind == "embedding" and s.embedding_args()["max_norm"] is not None:
-            problems.append(f"{s.fqn}: embedding with max_norm={s.embedding_args()['max_norm']}: PEFT renormalizes "
+        if s.kind == "embedding" and (max_norm := s.embedding_args()["max_norm"]) is not None:
+            problems.append(f"{s.fqn}: embedding with max_norm={max_norm}: PEFT renormalizes "
                             "the rows it looks up in place, in the base weight and in LoRA's A separately, at every "
                             "call, which no folded or added update reproduces; expected max_norm=None")
         out_f, in_f = spec.shape

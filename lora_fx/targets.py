@@ -32,7 +32,12 @@ def is_excluded(config: LoraConfig, fqn: str) -> bool:
                 return True
         elif _matches_list(ex, fqn):
             return True
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in config.modules_to_save or ())
+    return any(_names(m, fqn) for m in config.modules_to_save or ())
+
+
+def _names(entry: str, fqn: str) -> bool:
+    """Whether a modules_to_save entry names module ``fqn`` or a module above it (a dotted part)."""
+    return re.match(rf"(^|.*\.){entry}($|\..*)", fqn) is not None
 
 
 def is_module_copy(config: LoraConfig, path: str) -> bool:
@@ -40,7 +45,7 @@ def is_module_copy(config: LoraConfig, path: str) -> bool:
     whose name ends with an entry (plain suffix: "norm" takes input_layernorm too) and saves a
     wrapped module's submodules under it."""
     module = path.rpartition(".")[0]
-    return any(module.endswith(m) or re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.modules_to_save or ())
+    return any(module.endswith(m) or _names(m, module) for m in config.modules_to_save or ())
 
 
 def layer_index(fqn: str, layers_pattern: str | list[str] | None) -> int | None:
