@@ -443,10 +443,13 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     report.substituted = substituted
     substitute_tensors(gm.graph, replacements)
 
+    ranks: dict[int, int] = {}  # A's rows, by site
+
     def nodes(s: g.Site) -> dict[str, fx.Node]:
         w_top, b_top = s.scope.top(s.weight), s.scope.top(s.bias) if s.bias is not None else None
         tensors, d = state.module_tensors(s.fqn, s.kind, inputs.value(w_top), inputs.value(b_top))
         derived.append((d, (inputs.ref(w_top), inputs.ref(b_top))))
+        ranks[id(s)] = tensors["lora_a"].shape[0] if "lora_a" in tensors else 0
         return {role: feeder.node(s.scope, f"{s.fqn}.{role}", t) for role, t in tensors.items()}
 
     before = len(inputs.values)
@@ -463,7 +466,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             batch = batch if batch is not None else inputs.batch_ref(g.tensor_meta(batched_input(s)[0]).shape[0])
         report.sites = len(chosen)
     else:
-        report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype), fuse_tokens)
+        report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype, ranks[id(s)]),
+                                            fuse_tokens)
     report.added_inputs = len(inputs.values) - before + len(replacements)
     no_backward = [] if state.mode == "fold" else _traced_without_gradient(gm, chosen)
     for s in chosen:
