@@ -466,8 +466,9 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
             batch = batch if batch is not None else inputs.batch_ref(g.tensor_meta(batched_input(s)[0]).shape[0])
         report.sites = len(chosen)
     else:
+        pointwise = {s.fqn for s in chosen if s.kind == "linear" and formats.get(s.fqn)}  # torchao weights
         report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype, ranks[id(s)]),
-                                            fuse_tokens)
+                                            fuse_tokens, pointwise)
     report.added_inputs = len(inputs.values) - before + len(replacements)
     no_backward = [] if state.mode == "fold" else _traced_without_gradient(gm, chosen)
     for s in chosen:

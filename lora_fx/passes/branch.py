@@ -22,14 +22,16 @@ How the update is written depends on what the graph's fake values tell (x flatte
   copy of y (beta = 1), which on CPU BLAS runs about twice as fast as a separate mm + add for
   rank-sized K, and leaves no add kernel. Sites that read the same input (q / k / v, gate / up)
   share one shrink, ``mm(x, cat(A_i * scale_i)^T)`` sliced per site: one GEMM of width sum(R_i)
-  instead of several rank-wide ones (about 2 points of prefill time over an NF4 base).
+  instead of several rank-wide ones (about 2 points of prefill time over an NF4 base). Over a
+  torchao weight, y is pointwise ops after a GEMM: the expand is ``mm`` and the add is left to
+  Inductor, fused with those ops (see insert_lora_branches).
 - no fake values (symbolic_trace), or an adapter dtype narrower than y's: linear + add, as PEFT.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import fx
@@ -99,9 +101,10 @@ def _shrink(graph: fx.Graph, x: fx.Node, ts: list[dict[str, fx.Node]], ranks: li
 
 
 def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fused: bool,
-            h: fx.Node | None) -> fx.Node:
+            h: fx.Node | None, accumulate: bool = True) -> fx.Node:
     """y + the update, in the adapter's dtype, with x and y flattened to [M, in] / [M, out];
-    ``h``: scale * (x A^T), when computed already (see _shrink)."""
+    ``h``: scale * (x A^T), when computed already (see _shrink); ``accumulate``: the expand as
+    ``addmm`` into y, else ``mm`` and an add left to Inductor."""
     y = _cast(graph, site.node, lora_dtype)  # exact: the adapter dtype is at least as wide
     if h is None and site.kind == "embedding":
         ids = call(graph, aten.flatten.using_ints, (site.x,))
@@ -111,8 +114,9 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
         h = call(graph, aten.mul.Tensor, (_small_matmul(graph, x, t["lora_a"]), t["scale"]))  # [M, R]
     elif h is None:
         h = _shrink(graph, site.x, [t], [0], lora_dtype)[0]
-    if fused:
-        d = _small_matmul(graph, h, t["lora_b"])  # [M, out]
+    if fused or not accumulate:
+        d = (_small_matmul(graph, h, t["lora_b"]) if fused
+             else call(graph, aten.mm.default, (h, call(graph, aten.t.default, (t["lora_b"],)))))  # [M, out]
         out = call(graph, aten.add.Tensor, (y, call(graph, aten.view_as.default, (d, y))))
     else:
         y2 = call(graph, aten.flatten.using_ints, (y, 0, -2))
@@ -168,9 +172,9 @@ def _form(site: Site, lora_dtype: torch.dtype, fuse_tokens: int) -> str:
 
 
 def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fuse_tokens: int = 0,
-                       h: fx.Node | None = None) -> fx.Node:
+                       h: fx.Node | None = None, accumulate: bool = True) -> fx.Node:
     """Add the update after ``site``'s op (in the graph that holds it) and route the op's users to it;
-    returns the new output. ``h``: scale * (x A^T), when computed already (see _shrink)."""
+    returns the new output. ``h``, ``accumulate``: see _update."""
     graph, y = site.graph, site.node
     users = list(y.users)
     with graph.inserting_before(y.next):
@@ -180,7 +184,7 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
             out = _conv_update(graph, site, t, lora_dtype, dims)
             dora = {k: _channels(graph, v, dims) for k, v in dora.items()}
         elif (form := _form(site, lora_dtype, fuse_tokens)) != "plain":
-            out = _update(graph, site, t, lora_dtype, form == "fused", h)
+            out = _update(graph, site, t, lora_dtype, form == "fused", h, accumulate)
         else:
             if site.kind == "embedding":
                 h = _lookup(graph, site, t["lora_a"], site.x)  # [..., R]
@@ -213,9 +217,12 @@ def insert_param_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dty
 
 
 def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict[str, fx.Node], torch.dtype, int]],
-                         fuse_tokens: int = 0) -> int:
+                         fuse_tokens: int = 0, pointwise: Collection[str] = ()) -> int:
     """Insert the LoRA branch at every site; ``tensors(site)`` gives its input nodes, dtype and rank.
-    Sites written with GEMMs that read the same input in the same dtype share one shrink GEMM."""
+    Sites written with GEMMs that read the same input in the same dtype share one shrink GEMM.
+    ``pointwise``: modules whose output Inductor computes with pointwise ops after a GEMM (a
+    torchao weight's linear: the dequantization's scales); their expand is ``mm`` plus an add that
+    Inductor fuses with those ops, where ``addmm`` would first write y out and copy it."""
     given = [(site, *tensors(site)) for site in sites]
     groups: dict[tuple, list[tuple[Site, dict[str, fx.Node], int]]] = {}
     for site, nodes, dtype, rank in given:
@@ -233,5 +240,5 @@ def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict
         if site.kind == "param":
             insert_param_branch(site, nodes, dtype)
         else:
-            insert_lora_branch(site, nodes, dtype, fuse_tokens, h=shrunk.get(id(site)))
+            insert_lora_branch(site, nodes, dtype, fuse_tokens, shrunk.get(id(site)), site.fqn not in pointwise)
     return len(sites)
