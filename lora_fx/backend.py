@@ -356,8 +356,7 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
             stale = seen[0] != state.generation
             now = watched_stamp(args) if quick else None
             if not quick or stale or now != checked[0] or checked[1] != state.changes:
-                for d, refs in derived if stale else watched:
-                    state.check(d, resolve(refs, args))
+                state.check([(d, resolve(refs, args)) for d, refs in (derived if stale else watched)])
                 checked[0], checked[1] = now, state.changes
             if stale or seen[1] != state.changes:
                 current[0] = tuple(t if d is None else d.tensors[t] for d, t in slots)

@@ -91,8 +91,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def stamp(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    """What identifies the contents of ``tensors``: version counters and storage addresses."""
-    return tuple((_local(t)._version, address(t)) for t in tensors if t is not None)
+    """What identifies the contents of ``tensors``: version counters and storage addresses (a
+    DTensor's own counter moves on in-place ops on it, its local shard's on writes to the shard)."""
+    return tuple((t._version, _local(t)._version, address(t)) for t in tensors if t is not None)
 
 
 class Derived:
@@ -111,6 +112,7 @@ class Derived:
         self.stamp: tuple = ()
         self.merged = False  # in-place fold: the model's weight holds the merge
         self.saved: tuple | None = None  # in-place fold: stamp of the weight when its original was saved
+        self.seen = True  # in-place fold: no restore since a call last read ``base`` (see LoraState.update)
 
 
 class LoraState:
@@ -496,14 +498,17 @@ class LoraState:
             (bias if bias is not None else d.tensors["bias"]).copy_(fresh["bias"])
         d.merged = True
 
-    def check(self, d: Derived, base: tuple) -> None:
-        """Before a call: recompute ``d`` if the settings or its base moved since it was computed."""
+    def check(self, sets: Sequence[tuple[Derived, tuple]]) -> None:
+        """Before a call: recompute each derived set whose settings or base (the tensors the call
+        reads for it) moved since it was computed."""
         if self.inplace:
-            self._check_in_place([d])
-            if d.generation != self.generation:
+            self._check_in_place([d for d, _ in sets], [base for _, base in sets])
+            for d, _ in sets:
+                d.seen = True  # the call reads d.base (a replaced tensor was taken as the base above)
+        for d, base in sets:
+            if d.generation != self.generation or (
+                    not self.inplace and d.watch and stamp((*base, *d.also)) != d.stamp):
                 self.refresh(d, base)
-        elif d.generation != self.generation or (d.watch and stamp((*base, *d.also)) != d.stamp):
-            self.refresh(d, base)
 
     def rebase(self) -> None:
         """Take the base weights as they are now (written where version counters do not see, e.g.
@@ -528,16 +533,22 @@ class LoraState:
         held = bias if bias is not None else d.tensors.get("bias")
         return torch.equal(fresh["weight"], weight) and ("bias" not in fresh or torch.equal(fresh["bias"], held))
 
-    def _check_in_place(self, ds: Sequence[Derived]) -> None:
-        """Raise if a weight holding an in-place merge was changed by someone else."""
-        stale = [d.key for d in ds if d.merged and stamp(d.base) != d.stamp]
+    def _check_in_place(self, ds: Sequence[Derived], bases: Sequence[tuple] | None = None) -> None:
+        """Raise if a weight holding an in-place merge was changed or replaced by someone else.
+        ``bases``: the tensors a call reads for each (default: those merged into); while not merged,
+        tensors the model now holds instead are the new base."""
+        bases = [d.base for d in ds] if bases is None else bases
+        stale = [d.key for d, base in zip(ds, bases) if d.merged and stamp(base) != d.stamp]
         raise_if(stale, StaleWeightError,
-                 "changed (edited in place, loaded or moved) while holding the adapter folded in place; lora_fx "
-                 "cannot tell a new base weight from the merged one. Call be.restore() (it puts back the weights "
-                 "lora_fx saved, undoing this change in these modules only), make the change again (e.g. load the "
-                 "state dict again), then be.enable(); next time call be.restore() before changing the weights:")
-        for d in ds:
-            if not d.merged and d.generation == self.generation:
+                 "changed (edited in place, loaded, replaced or moved) while holding the adapter folded in place; "
+                 "lora_fx cannot tell a new base weight from the merged one. Call be.restore() (it puts back the "
+                 "weights lora_fx saved, undoing an in-place change in these modules only; a tensor that replaced "
+                 "a merged one is kept as the new base), make an in-place change again (e.g. load the state dict "
+                 "again), then be.enable(); next time call be.restore() before changing the weights:")
+        for d, base in zip(ds, bases):
+            if not d.merged and any(t is not b for t, b in zip(base, d.base)):
+                d.base, d.generation = tuple(base), -1  # merged into at the next refresh
+            elif not d.merged and d.generation == self.generation:
                 d.stamp = stamp(d.base)  # the base itself was changed while not merged: it is the new base
 
     # -- settings -------------------------------------------------------------------------------
@@ -571,7 +582,10 @@ class LoraState:
         self.generation += 1
         if self.inplace:
             for d in self.derived.values():
-                self.refresh(d, d.base)
+                if restoring or d.seen:  # after a restore the merge waits for a call: the model may hold new tensors
+                    self.refresh(d, d.base)
+                if restoring:
+                    d.seen = False
 
     def describe(self, fqn: str, kind: str) -> str:
         spec = self.layout.specs[fqn]

@@ -362,3 +362,67 @@ def test_dynamo_graph_is_not_mutated(tmp_path):
 
     torch.compile(base, backend=spy)(input_ids=example_ids())
     assert seen["before"] == seen["after"]
+
+
+class TwoReaders(torch.nn.Module):
+    """q and k read one tensor h, with something between the two reads that a shrink shared by
+    q and k must not be moved across (``between``)."""
+
+    def __init__(self, between: str):
+        super().__init__()
+        self.between = between
+        self.norm = torch.nn.LayerNorm(32)
+        self.q, self.k, self.out = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        if self.between == "no_grad":
+            with torch.no_grad():
+                q = self.q(h)
+        elif self.between == "autocast":
+            with torch.autocast("cpu", torch.bfloat16):
+                q = self.q(h).float()
+        else:
+            q = self.q(h)
+        if self.between == "mul_":
+            h.mul_(3.0)
+        elif self.between == "setitem":
+            h[:, 0] = 0.0
+        return self.out(q * self.k(h))
+
+
+@pytest.mark.parametrize("between", ["mul_", "setitem", "no_grad", "autocast", "nothing"])
+def test_sites_reading_one_input_share_a_shrink_only_where_nothing_between_changes_it(tmp_path, between):
+    """Branch (GEMM form: 40 tokens, aot_eager) equals PEFT's output, and its A / B gradients
+    (but after an in-place write, which PEFT cannot train through either): an in-place write to h,
+    a grad-mode or autocast switch between q and k keeps k's shrink after it."""
+    torch.manual_seed(0)
+    base = TwoReaders(between)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q", "k"],
+                                                                  init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode="branch", inner="aot_eager")
+    compiled = torch.compile(copy.deepcopy(base), backend=be)
+    params = be.named_parameters()
+    x = torch.randn(2, 40, 32)
+    inference = between in ("mul_", "setitem")  # a write to what q's A saved: no backward, in PEFT too
+    with torch.set_grad_enabled(not inference):
+        want, got = pm(x), compiled(x)
+    assert (want - base(x)).abs().max() > 0.05
+    torch.testing.assert_close(got, want, **({"atol": 2e-2, "rtol": 2e-2} if between == "autocast" else TOL))
+    if inference:
+        return
+    want.sum().backward()
+    got.sum().backward()
+    for name in ("q", "k"):
+        for role, peft_name in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            ref = getattr(getattr(pm.base_model.model, name), peft_name)["default"].weight.grad
+            mine = params[name][role].grad
+            if ref is None:  # PEFT's q under no_grad
+                assert mine is None or not mine.any(), (name, role)
+            else:
+                assert mine is not None, (name, role)
+                torch.testing.assert_close(mine, ref, **({"atol": 5e-2, "rtol": 5e-2} if between == "autocast"
+                                                          else TOL))

@@ -136,6 +136,8 @@ def _tp_worker(rank: int, port: int, out_dir: str) -> None:
                 out[f"{mode} logits"] = compiled(input_ids=ids).logits
                 be.swap(second)  # each rank keeps its shard of the full PEFT adapter
                 out[f"{mode} swapped"] = compiled(input_ids=ids).logits
+                compiled.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # in place on the DTensor
+                out[f"{mode} edited"] = compiled(input_ids=ids).logits
         be = lora_fx.backend(_adapter(), mode="branch", inner="aot_eager")
         model = _tp_model(be, mesh)
         out["losses"] = [float(x) for x in _train(model, be, _batches(), None)]
@@ -175,6 +177,10 @@ def test_tensor_parallel_matches_one_process(tmp_path):
         want = lora_fx.lora_forward(tiny_model("llama"), _adapter(), input_ids=ids).logits
         fresh = torch.compile(tiny_model("llama"), backend=lora_fx.backend(second, mode="branch", inner="aot_eager"))
         want_swapped = fresh(input_ids=ids).logits
+        edited = tiny_model("llama")
+        edited.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+        want_edited = lora_fx.lora_forward(edited, second, input_ids=ids).logits
+    assert (want_edited - want_swapped).abs().max() > 1e-3
     assert (want - tiny_model("llama")(input_ids=ids).logits).abs().max() > 1e-2
     torch.manual_seed(0)
     be = lora_fx.backend(_adapter(), mode="branch", inner="aot_eager")
@@ -186,6 +192,7 @@ def test_tensor_parallel_matches_one_process(tmp_path):
         for mode in ("branch", "fold"):
             torch.testing.assert_close(r[f"{mode} logits"], want, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(r[f"{mode} swapped"], want_swapped, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(r[f"{mode} edited"], want_edited, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(want_losses), atol=1e-5, rtol=1e-5)
         for k, v in want_ab.items():
             torch.testing.assert_close(r["adapter"][k], v, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -228,6 +228,37 @@ def test_fold_in_place_refuses_a_weight_changed_behind_it():
         torch.testing.assert_close(logits(compiled, ids), reference_after_restore(model, ad, ids, be), **TOL)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "parameter_replaced"])
+def test_fold_in_place_refuses_a_weight_replaced_behind_it(how):
+    """A new tensor in the model where the merged one was (``load_state_dict(..., assign=True)``,
+    a new Parameter) is refused like an edit; once restored, the model's new tensors are the base
+    and take the merge."""
+    model = tiny_model("llama")
+    ad = adapter(model)
+    be = lora_fx.backend(ad, mode="fold", inner="aot_eager", inplace=True)
+    compiled = torch.compile(model, backend=be)
+    ids = example_ids()
+    other = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        if how == "load_state_dict_assign":
+            model.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+        else:
+            model.model.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(
+                other.model.layers[1].self_attn.v_proj.weight.clone(), requires_grad=False)
+        with pytest.raises(StaleWeightError, match="model.layers.1.self_attn.v_proj"):
+            compiled(input_ids=ids)
+        be.restore()
+        base = logits(model, ids)  # the model's new weights, nothing merged
+        be.enable()
+        got = logits(compiled, ids)
+        want = reference_after_restore(model, ad, ids, be)
+        assert (want - base).abs().max() > 0.05
+        torch.testing.assert_close(got, want, **TOL)
+        if how == "load_state_dict_assign":  # the weights the model holds now
+            torch.testing.assert_close(base, logits(other, ids), **TOL)
+
+
 def reference_after_restore(model, ad, ids, be):
     be.restore()
     try:

@@ -31,6 +31,7 @@ How the update is written depends on what the graph's fake values tell (x flatte
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Collection
 
 import torch
@@ -216,6 +217,34 @@ def insert_param_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dty
     return new
 
 
+def _side_effect(node: fx.Node) -> bool:
+    """Whether ``node`` may write a tensor in place or change how later ops run (grad mode,
+    autocast, a higher-order op's body): a shrink must not be moved across it."""
+    if node.op in ("call_module", "call_method"):
+        return node.op == "call_module" or node.target.endswith("_") or node.target.startswith("__set")
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return target is operator.setitem or name.endswith("_") or "grad" in name or "autocast" in name
+
+
+def _runs(members: list, order: dict[fx.Node, int]) -> list[list]:
+    """``members`` (in graph order) split wherever a node between two of them has a side effect:
+    the sites of one run can share a shrink computed before the first of them."""
+    nodes = list(order)
+    runs = [[members[0]]]
+    for prev, cur in zip(members, members[1:]):
+        if any(_side_effect(n) for n in nodes[order[prev[0].node] + 1:order[cur[0].node]]):
+            runs.append([])
+        runs[-1].append(cur)
+    return runs
+
+
 def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict[str, fx.Node], torch.dtype, int]],
                          fuse_tokens: int = 0, pointwise: Collection[str] = ()) -> int:
     """Insert the LoRA branch at every site; ``tensors(site)`` gives its input nodes, dtype and rank.
@@ -229,13 +258,14 @@ def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict
         if site.kind not in ("conv", "embedding", "param") and _form(site, dtype, fuse_tokens) == "gemm":
             groups.setdefault((id(site.graph), site.x, dtype), []).append((site, nodes, rank))
     shrunk: dict[int, fx.Node] = {}
+    orders: dict[int, dict[fx.Node, int]] = {}
     for (_, x, dtype), members in groups.items():
         graph = members[0][0].graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        first = min((s.node for s, _, _ in members), key=order.__getitem__)
-        with graph.inserting_before(first):  # x and the adapter's inputs come before any site's op
-            hs = _shrink(graph, x, [t for _, t, _ in members], [r for _, _, r in members], dtype)
-        shrunk.update({id(s): h for (s, _, _), h in zip(members, hs)})
+        order = orders.setdefault(id(graph), {n: i for i, n in enumerate(graph.nodes)})
+        for run in _runs(sorted(members, key=lambda m: order[m[0].node]), order):
+            with graph.inserting_before(run[0][0].node):  # x and the adapter's inputs come before it
+                hs = _shrink(graph, x, [t for _, t, _ in run], [r for _, _, r in run], dtype)
+            shrunk.update({id(s): h for (s, _, _), h in zip(run, hs)})
     for site, nodes, dtype, _ in given:
         if site.kind == "param":
             insert_param_branch(site, nodes, dtype)
