@@ -203,8 +203,9 @@ class LoraBackend:
 
     def restore(self) -> None:
         """Turn the adapter off. In-place fold: put the model's own weights back exactly (the
-        copies saved when they were merged), also after a refused outside change; ``enable``
-        merges again, from the weights the model then holds."""
+        copies saved when they were merged), also after a refused outside change; after it, the
+        merge waits for the next compiled call, which merges into the weights the model then
+        holds (tensors that replaced the merged ones included)."""
         with self.lock:
             self.state.update(enabled=False, restoring=True)
 
