@@ -110,11 +110,9 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
     if h is None and site.kind == "embedding":
         ids = call(graph, aten.flatten.using_ints, (site.x,))
         h = call(graph, aten.mul.Tensor, (_lookup(graph, site, t["lora_a"], ids), t["scale"]))
-    elif h is None and fused:
+    elif h is None:  # fused; the GEMM form's h comes from a shared shrink (insert_lora_branches)
         x = call(graph, aten.flatten.using_ints, (_cast(graph, site.x, lora_dtype), 0, -2))  # [M, in]
         h = call(graph, aten.mul.Tensor, (_small_matmul(graph, x, t["lora_a"]), t["scale"]))  # [M, R]
-    elif h is None:
-        h = _shrink(graph, site.x, [t], [0], lora_dtype)[0]
     if fused or not accumulate:
         d = (_small_matmul(graph, h, t["lora_b"]) if fused
              else call(graph, aten.mm.default, (h, call(graph, aten.t.default, (t["lora_b"],)))))  # [M, out]
@@ -233,10 +231,10 @@ def _side_effect(node: fx.Node) -> bool:
     return target is operator.setitem or name.endswith("_") or "grad" in name or "autocast" in name
 
 
-def _runs(members: list, order: dict[fx.Node, int]) -> list[list]:
+def _runs(members: list, order: dict[fx.Node, int], nodes: list[fx.Node]) -> list[list]:
     """``members`` (in graph order) split wherever a node between two of them has a side effect:
-    the sites of one run can share a shrink computed before the first of them."""
-    nodes = list(order)
+    the sites of one run can share a shrink computed before the first of them. ``nodes``: the
+    graph's nodes, ``order`` their positions."""
     runs = [[members[0]]]
     for prev, cur in zip(members, members[1:]):
         if any(_side_effect(n) for n in nodes[order[prev[0].node] + 1:order[cur[0].node]]):
@@ -258,11 +256,14 @@ def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict
         if site.kind not in ("conv", "embedding", "param") and _form(site, dtype, fuse_tokens) == "gemm":
             groups.setdefault((id(site.graph), site.x, dtype), []).append((site, nodes, rank))
     shrunk: dict[int, fx.Node] = {}
-    orders: dict[int, dict[fx.Node, int]] = {}
+    walks: dict[int, tuple[list[fx.Node], dict[fx.Node, int]]] = {}  # one walk per graph
     for (_, x, dtype), members in groups.items():
         graph = members[0][0].graph
-        order = orders.setdefault(id(graph), {n: i for i, n in enumerate(graph.nodes)})
-        for run in _runs(sorted(members, key=lambda m: order[m[0].node]), order):
+        if id(graph) not in walks:
+            nodes = list(graph.nodes)
+            walks[id(graph)] = nodes, {n: i for i, n in enumerate(nodes)}
+        nodes, order = walks[id(graph)]
+        for run in _runs(sorted(members, key=lambda m: order[m[0].node]), order, nodes):
             with graph.inserting_before(run[0][0].node):  # x and the adapter's inputs come before it
                 hs = _shrink(graph, x, [t for _, t, _ in run], [r for _, _, r in run], dtype)
             shrunk.update({id(s): h for (s, _, _), h in zip(run, hs)})
