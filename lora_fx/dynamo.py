@@ -68,38 +68,72 @@ def static_fakes(tensors: tuple[torch.Tensor, ...], trainable: set[int]) -> list
 
 
 # -- past dynamo's recompile limit, dynamo runs the plain Python code: the base model. A frame that
-# a lora_fx backend compiled must raise instead. Dynamo logs a warning just before it falls back,
-# from inside its compile of that frame; this filter turns that warning into the error.
+# a lora_fx backend compiled must raise instead. Dynamo calls its recompile user-context hooks at
+# the start of every compile, just before it checks the limit, whatever the logging settings; the
+# hook makes the same check for the frames lora_fx compiled and raises. (Torch without that hook:
+# a filter on the warning dynamo logs there, which quiet logging switches off.)
 _CODES: weakref.WeakSet = weakref.WeakSet()  # code objects a lora_fx backend compiled
+
+
+def _compile_locals() -> dict[str, Any]:
+    """The locals of dynamo's ``_compile`` for the frame it is compiling now, from the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and frame.f_globals.get("__name__") == "torch._dynamo.convert_frame":
+            return frame.f_locals
+        frame = frame.f_back
+    return {}
 
 
 def _code_being_compiled() -> Any:
     """The code object dynamo is compiling now (a local of its ``_compile``), from the stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_compile" and frame.f_globals.get("__name__") == "torch._dynamo.convert_frame":
-            return frame.f_locals.get("code")
-        frame = frame.f_back
-    return None
+    return _compile_locals().get("code")
+
+
+def _limit_error(limit: str, function: str) -> RecompileLimitError:
+    return RecompileLimitError(
+        f"{function}: dynamo reached torch._dynamo.config.{limit} and would run it without the adapter from now on; "
+        f"raise torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the changing "
+        "dimension dynamic (torch.compile(..., dynamic=True))")
+
+
+def _check_recompile_limit() -> str:
+    """Dynamo's recompile hook: raise before dynamo would give up on a frame lora_fx compiled."""
+    local = _compile_locals()
+    code, cache_size, compile_id = local.get("code"), local.get("cache_size"), local.get("compile_id")
+    if code is None or code not in _CODES or cache_size is None or compile_id is None:
+        return ""
+    from torch._dynamo.cache_size import exceeds_recompile_limit
+
+    exceeded, limit = exceeds_recompile_limit(cache_size, compile_id)
+    if exceeded:
+        raise _limit_error(limit, f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
+    return ""
 
 
 class _RecompileLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and _code_being_compiled() in _CODES:
             args = record.args if isinstance(record.args, tuple) else ()
-            limit = args[0] if args else "recompile_limit"
-            raise RecompileLimitError(
-                f"{args[2] if len(args) > 2 else 'a compiled function'}: dynamo reached "
-                f"torch._dynamo.config.{limit} and would run it without the adapter from now on; raise "
-                f"torch._dynamo.config.{limit} (new shapes or dtypes each compile a graph), or mark the "
-                "changing dimension dynamic (torch.compile(..., dynamic=True))")
+            raise _limit_error(args[0] if args else "recompile_limit",
+                               str(args[2]) if len(args) > 2 else "a compiled function")
         return True
 
 
+_WATCHING = [False]
+
+
 def watch_recompile_limit() -> None:
+    """Install the recompile-limit check once per process."""
+    if _WATCHING[0]:
+        return
+    _WATCHING[0] = True
+    register = getattr(torch._dynamo, "register_hook_for_recompile_user_context", None)
+    if register is not None:
+        register(_check_recompile_limit)
+        return
     log = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(isinstance(f, _RecompileLimitFilter) for f in log.filters):
-        log.addFilter(_RecompileLimitFilter())
+    log.addFilter(_RecompileLimitFilter())
 
 
 def register_frame() -> None:

@@ -2,8 +2,10 @@
 moved and edited weights, mixed batches, threads. Each scenario equals the eager reference (or
 PEFT), or raises a LoraFxError that says what to do."""
 
+import contextlib
 import copy
 import dataclasses
+import logging
 import threading
 
 import peft
@@ -79,23 +81,45 @@ def test_graph_compiled_while_a_subset_is_active_gets_every_module(mode):
         torch.testing.assert_close(logits(compiled, short), reference(model, full, short), **TOL)
 
 
-def test_past_the_recompile_limit_is_an_error_not_the_base_model():
+@contextlib.contextmanager
+def quiet_logs(how: str):
+    """Logging as users quiet torch: dynamo's logs at ERROR, or every warning disabled."""
+    if how == "set_logs":
+        torch._logging.set_logs(dynamo=logging.ERROR)
+    elif how == "logging.disable":
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        if how == "set_logs":
+            torch._logging.set_logs()
+        elif how == "logging.disable":
+            logging.disable(logging.NOTSET)
+
+
+@pytest.mark.parametrize("logs", ["default", "set_logs", "logging.disable"])
+def test_past_the_recompile_limit_is_an_error_not_the_base_model(logs):
     model = tiny_model("llama")
     ad = adapter(model)
     compiled = torch.compile(model, backend=lora_fx.backend(ad, inner="eager"), dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False), \
+            quiet_logs(logs):
         for seq in (3, 4):
             ids = example_ids(seq=seq)
             torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
         with pytest.raises(RecompileLimitError, match="recompile_limit"):
             compiled(input_ids=example_ids(seq=5))
+        with pytest.raises(RecompileLimitError, match="recompile_limit"):  # every call past it, not the first only
+            compiled(input_ids=example_ids(seq=6))
         ids = example_ids(seq=3)  # compiled shapes still run
         torch.testing.assert_close(logits(compiled, ids), reference(model, ad, ids), **TOL)
 
 
-def test_other_compiled_functions_keep_dynamos_fallback():
+@pytest.mark.parametrize("logs", ["default", "set_logs"])
+def test_other_compiled_functions_keep_dynamos_fallback(logs):
+    lora_fx.backend(adapter(tiny_model("llama")), inner="eager")  # the guard is installed
     f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
-    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), quiet_logs(logs):
         for n in (1, 2, 3):
             assert f(torch.ones(n)).sum() == 2 * n
 
