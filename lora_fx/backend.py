@@ -143,7 +143,7 @@ class LoraBackend:
             self._check_model(model)
         state = self.state
         read = {n for n in gm.graph.find_nodes(op="placeholder") if n.users}
-        with state.lock:
+        with state.lock, torch.inference_mode(False):  # the tensors it makes are never inference tensors
             done = rewrite_graph(gm, inputs, state, self.fuse_tokens, model=model, require_all=False)
         self.reports.append(done.report)
         self._seen |= set(done.report.modules) | set(done.report.substituted)

@@ -289,6 +289,10 @@ class LoraState:
         """Keep A, B and the selection on the model's device (the parameters stay the same objects)."""
         if self.device == device:
             return
+        with torch.inference_mode(False):  # never inference tensors (see refresh)
+            self._place(device)
+
+    def _place(self, device: torch.device) -> None:
         for t in ({} if self.attached else self._own).values():  # attached: the model moves them
             for p in t.values():
                 p.data = p.data.to(device)
@@ -421,7 +425,13 @@ class LoraState:
         """Recompute ``d`` from the settings and ``base`` (the tensors the current call reads).
 
         The values go into new tensors: a graph run earlier may have saved the old ones for its
-        backward (a reference pass under ``disabled()`` between a forward and its backward)."""
+        backward (a reference pass under ``disabled()`` between a forward and its backward).
+        They are never inference tensors, whatever mode the call that recomputes them runs in (an
+        evaluation under ``torch.inference_mode`` between training steps)."""
+        with torch.inference_mode(False):
+            self._recompute(d, base)
+
+    def _recompute(self, d: Derived, base: tuple) -> None:
         d.tensors = {role: t if role == "weight" and d.key in self.requantized else torch.empty_like(t)
                      for role, t in d.tensors.items()}
         self.changes += 1

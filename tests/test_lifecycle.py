@@ -633,3 +633,45 @@ def test_modules_to_save_on_a_tied_weight_is_refused_until_untied(tmp_path, save
         want = logits(pm, ids)
         assert (want - logits(model, ids)).abs().max() > 0.05
         torch.testing.assert_close(logits(compiled, ids), want, **TOL)
+
+
+@pytest.mark.parametrize("between", ["dora_eval", "set_scale", "swap"])
+def test_an_evaluation_under_inference_mode_between_training_steps(tmp_path, between):
+    """Derived tensors recomputed by a call under ``torch.inference_mode`` (DoRA's norms after a
+    step, the scales after ``set_scale`` / ``swap``) are never inference tensors: training goes on,
+    with PEFT's losses and trained logits (PEFT's DoRA magnitude frozen: lora_fx trains A / B)."""
+    from peft.tuners.lora import LoraLayer
+
+    case = Case("dora", "llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=between == "dora_eval"))
+    base, pm = peft_adapter(case, str(tmp_path))
+    ad = lora_fx.load_adapter(tmp_path)
+    for name, p in pm.named_parameters():
+        p.requires_grad_("lora_A" in name or "lora_B" in name)
+    pm.train()
+    be = lora_fx.backend(ad, inner="aot_eager")
+    compiled = torch.compile(frozen(base), backend=be)
+    ids = example_ids(seq=6)
+    opts = [torch.optim.SGD(be.parameters(), lr=0.2), torch.optim.SGD([p for p in pm.parameters() if p.requires_grad],
+                                                                      lr=0.2)]
+    for step in range(3):
+        losses = []
+        for model, opt in zip((compiled, pm), opts):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+        with torch.inference_mode():
+            if between == "set_scale" and step == 0:
+                be.set_scale(0.5)
+                for m in pm.modules():
+                    if isinstance(m, LoraLayer):
+                        m.scale_layer(0.5)
+            if between == "swap" and step == 0:
+                be.swap(ad)  # the loaded adapter again: A / B back to the file's, PEFT's copy too
+                pm.load_state_dict({k: v for k, v in peft_adapter(case, str(tmp_path / "again"))[1].state_dict().items()
+                                    if "lora_" in k}, strict=False)
+            compiled(input_ids=ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled, ids), logits(pm.eval(), ids), **TOL)
