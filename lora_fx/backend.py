@@ -20,6 +20,7 @@ from torch import fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import graph as g
+from . import inplace
 from .adapter import Adapter
 from .dynamo import (
     copy_dynamo_graph,
@@ -28,7 +29,8 @@ from .dynamo import (
     static_fakes,
     watch_recompile_limit,
 )
-from .errors import GraphRewriteError, SwapError, raise_if
+from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
+from .inplace import merged_by_other, merged_problem
 from .inputs import DynamoInputs
 from .rewrite import MODES, RewriteReport, owners_of, param_names, rewrite_graph, split_module_problem
 from .slots import Adapters
@@ -135,6 +137,12 @@ class LoraBackend:
                  GraphRewriteError, "cannot apply the adapter to this model:")
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        try:
+            return self._compile(gm, example_inputs)
+        except LoraFxError as e:  # as it is, not wrapped in dynamo's BackendCompilerFailed
+            raise through_dynamo(e).with_traceback(e.__traceback__) from e.__cause__
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         register_frame()
         gm = copy_dynamo_graph(gm)
         inputs = DynamoInputs(gm, example_inputs)
@@ -345,6 +353,15 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
         return stamp([t for d, refs in watched for t in (*resolve(refs, args), *d.also)])
 
     replaced = [(d.key, refs[0]) for d, refs in derived if d.kind == "override"]  # modules_to_save, saved biases
+    bases = [(d.key, refs) for d, refs in derived if d.kind != "override"]
+    merges = [inplace.EPOCH[0]]  # in-place folds made anywhere: checked again after a new one
+
+    def refuse_merged(args: Sequence[Any]) -> None:
+        raise_if([merged_problem(fqn, what, holder) for fqn, refs in bases
+                  for what, t in zip(("weight", "bias"), resolve(refs, args))
+                  if (holder := merged_by_other(t, state)) is not None],
+                 GraphRewriteError, "cannot apply the adapter to this graph:")
+        merges[0] = inplace.EPOCH[0]
 
     def run(*args: Any) -> Any:
         if (no_backward or replaced) and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
@@ -352,6 +369,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
                 _refuse_training(no_backward)
             _refuse_training_replaced([key for key, ref in replaced if resolve((ref,), args)[0].requires_grad])
         with state.lock:
+            if merges[0] != inplace.EPOCH[0]:
+                refuse_merged(args)
             if owners is not None:
                 owners.check(args)
             stale = seen[0] != state.generation

@@ -49,3 +49,25 @@ def raise_if(problems: list[str], error: type[LoraFxError], header: str) -> None
     """Raise ``error`` listing every problem, if there are any."""
     if problems:
         raise error(problems, header=header)
+
+
+_PASSING: dict[type, type] = {}
+
+
+def through_dynamo(e: LoraFxError) -> LoraFxError:
+    """``e`` as an error dynamo lets through from a backend as it is (dynamo wraps any other in its
+    ``BackendCompilerFailed``, which ``except lora_fx.LoraFxError`` would miss): the same class with
+    dynamo's ``ShortenTraceback`` mixed in, which dynamo re-raises with its own frames cut."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # pragma: no cover - a torch without it wraps as it always did
+        return e
+    cls = _PASSING.get(type(e))
+    if cls is None:
+        cls = _PASSING[type(e)] = type(type(e).__name__, (type(e), ShortenTraceback),
+                                       {"__module__": type(e).__module__, "__init__": LoraFxError.__init__,
+                                        "__doc__": type(e).__doc__})
+    out = cls(e.problems)
+    out.args, out.first_useful_frame = e.args, None
+    out.__dict__.update({k: v for k, v in e.__dict__.items() if k != "first_useful_frame"})
+    return out

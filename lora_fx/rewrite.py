@@ -19,6 +19,7 @@ from torch import fx
 from . import graph as g
 from .adapter import Adapter, as_adapters
 from .errors import GraphRewriteError, raise_if
+from .inplace import merged_by_other, merged_problem
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
 from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
 from .passes.mixed import batched_input
@@ -381,6 +382,9 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         if w is None:
             problems.append(f"{s.fqn}: expected its weight to be a parameter of the graph, found {s.weight}")
             continue
+        for what, t in (("weight", w), ("bias", weight_of(s.bias, s.scope))):
+            if (holder := merged_by_other(t, state)) is not None:
+                problems.append(merged_problem(s.fqn, what, holder))
         fmt = formats[s.fqn] = quant_format(w) or (f"computed by {s.node.target}" if s.kind == "module" else None)
         requantizable = s.kind == "linear" and (fmt or "").startswith("torchao") and hasattr(w, "dequantize")
         if fmt is not None and state.mode == "fold" and not (requantizable and state.requantize is not None):

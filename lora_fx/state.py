@@ -28,6 +28,7 @@ import torch
 
 from .adapter import Adapter, regrouped
 from .errors import AdapterConfigError, StaleWeightError, SwapError, raise_if
+from .inplace import record_merge
 from .originals import OriginalStore
 from .quantized import quant_format, requantized
 from .slots import Adapters, AdapterSet, Layout, ModuleSpec, Selection
@@ -110,9 +111,20 @@ class Derived:
         self.also = also  # more tensors its values come from (DoRA: the current A and B)
         self.generation = -1  # the settings generation its values belong to; -1: never computed
         self.stamp: tuple = ()
-        self.merged = False  # in-place fold: the model's weight holds the merge
+        self._merged = False  # in-place fold: the model's weight holds the merge (see ``merged``)
+        self.owner: Any = None  # in-place fold: the state that merges it
         self.saved: tuple | None = None  # in-place fold: stamp of the weight when its original was saved
         self.seen = True  # in-place fold: no restore since a call last read ``base`` (see LoraState.update)
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        """Recorded in :mod:`lora_fx.inplace`, so other backends refuse the merged tensors."""
+        self._merged = value
+        record_merge(self.base, self.owner, self.key, value)
 
 
 class LoraState:
@@ -362,6 +374,7 @@ class LoraState:
             also = tuple(self.trainable[fqn].values()) if self.mode == "branch" and spec.dora else ()
             d = Derived(fqn, kind, self._allocate(spec, weight, bias), (weight, bias),
                         watch=self.mode == "fold" or spec.dora, also=also)
+            d.owner = self
             self.derived[key] = d
             if not self.inplace:  # in place: merged at the first call, never in the middle of a compile
                 self.refresh(d, (weight, bias))
