@@ -13,6 +13,9 @@ Convolutions (nn.Conv1d / 2d / 3d, weight (out, in / groups, *k)) keep PEFT's la
 kernel (r, in, *k) run with the base's stride and padding, B a 1x1 conv (out, r / groups, *1) with
 the base's groups; its matrix form is block-diagonal (out, r), and B A in matrix form is
 (out, in * prod(k)), the weight's rows.
+
+Whether an adapter fits a model (``model_problems``, ``conv_problems``) lives in :mod:`.checks`;
+those names are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import targets
+from .checks import conv_problems as conv_problems  # re-exported (its home before checks.py)
+from .checks import model_problems
 from .config import LoraConfig
 from .errors import ModelMismatchError, raise_if
-from .quantized import out_in
 
 PREFIX = "base_model.model."
 
@@ -123,6 +126,16 @@ def regrouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat([dense[j * rows:(j + 1) * rows, j * per:(j + 1) * per] for j in range(groups)])
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(dtype: torch.dtype | None, found: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """The dtype LoRA tensors are held and computed in: ``dtype`` when given, else fp32 for half
+    precision (PEFT's ``autocast_adapter_dtype=True``, its default: a bf16 / fp16 adapter file,
+    or a bf16 / fp16 model's new adapter, computes in fp32), else ``found``."""
+    return dtype if dtype is not None else torch.float32 if autocast and found in HALF else found
+
+
 @dataclass
 class Adapter:
     """A loaded (or freshly initialised) LoRA adapter.
@@ -199,87 +212,6 @@ class Adapter:
         have = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
         if want and have and want != have:
             warnings.warn(f"adapter was trained on {want!r}, the model is {have!r}", UserWarning, stacklevel=2)
-
-
-def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
-    """Every way ``adapter`` does not fit ``model`` (empty when it fits)."""
-    problems: list[str] = []
-    modules = dict(model.named_modules())
-    linear = targets.linear_like_types()
-    for fqn, w in adapter.modules.items():
-        mod = modules.get(fqn)
-        if mod is None:
-            problems.append(f"{fqn}: adapter has LoRA tensors for it, the model has no such module")
-            continue
-        if w.param is not None:
-            p = getattr(mod, w.param, None)
-            if not isinstance(p, torch.Tensor) or p.dim() != 2:
-                found = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
-                problems.append(f"{fqn}.{w.param}: expected a 2-D parameter for LoRA on a parameter, found {found} "
-                                "(3-D expert parameters are not supported)")
-                continue
-            want_a, want_b = (w.rank, p.shape[1]), (p.shape[0], w.rank)
-        elif isinstance(mod, torch.nn.Embedding):
-            want_a, want_b = (w.rank, mod.num_embeddings), (mod.embedding_dim, w.rank)
-        elif isinstance(mod, linear):
-            out_f, in_f = out_in(mod)
-            want_a, want_b = (w.rank, in_f), (out_f, w.rank)
-        elif isinstance(mod, targets.CONV_TYPES):
-            conv = conv_problems(fqn, mod, w.rank)
-            problems += conv
-            if conv:
-                continue
-            ones = (1,) * len(mod.kernel_size)
-            want_a = (w.rank, mod.in_channels, *mod.kernel_size)
-            want_b = (mod.out_channels, w.rank // mod.groups, *ones)
-        else:
-            problems.append(f"{fqn}: expected nn.Linear, transformers Conv1D, nn.Conv1d / 2d / 3d or nn.Embedding, "
-                            f"found {type(mod).__name__} (not supported)")
-            continue
-        if w.param is None and w.embedding != isinstance(mod, torch.nn.Embedding):
-            problems.append(f"{fqn}: adapter holds {'embedding' if w.embedding else 'linear'} LoRA tensors, "
-                            f"the model's module is {type(mod).__name__}")
-            continue
-        for what, t, want in (("lora_A", w.lora_a, want_a), ("lora_B", w.lora_b, want_b)):
-            if tuple(t.shape) != want:
-                problems.append(f"{fqn}.{what}: expected shape {want}, found {tuple(t.shape)}")
-        if w.magnitude is not None and w.magnitude.numel() != want_b[0]:
-            problems.append(f"{fqn}.lora_magnitude_vector: expected {want_b[0]} values (one per output), "
-                            f"found shape {tuple(w.magnitude.shape)}")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers(remove_duplicate=False)))
-    for path, t in adapter.overrides.items():
-        p = params.get(path)
-        if p is None:
-            problems.append(f"{path}: adapter replaces this tensor, the model has no such parameter")
-        elif p.shape != t.shape:
-            problems.append(f"{path}: expected shape {tuple(p.shape)}, found {tuple(t.shape)}")
-    try:
-        wanted = set(targets.matched_modules(adapter.config, model))
-    except Exception as e:  # noqa: BLE001 - reported with the other problems
-        problems.append(str(e))
-        wanted = set(adapter.modules)
-    for fqn in sorted(wanted - set(adapter.modules)):
-        problems.append(f"{fqn}: the config targets this module, the adapter has no tensors for it")
-    for pat in targets.unmatched_patterns(adapter.config, modules):
-        problems.append(f"target_modules entry {pat!r}: matches no module of the model")
-    return problems
-
-
-def conv_problems(fqn: str, mod: torch.nn.Module, rank: int) -> list[str]:
-    """What PEFT's conv LoRA cannot express exactly on ``mod`` (lora_A is built with the base's
-    kernel, stride and padding only; lora_B with its groups)."""
-    p = []
-    if mod.padding_mode != "zeros":
-        p.append(f"{fqn}: padding_mode={mod.padding_mode!r}: PEFT's lora_A pads with zeros, the base does not; "
-                 "expected padding_mode='zeros'")
-    if any(d != 1 for d in mod.dilation) and any(k != 1 for k in mod.kernel_size):
-        p.append(f"{fqn}: dilation={mod.dilation}: PEFT's lora_A is not dilated, so its output does not match the "
-                 "base's shape; expected dilation 1")
-    if rank % mod.groups:
-        p.append(f"{fqn}: rank {rank} with groups={mod.groups}: expected a rank divisible by groups (as PEFT)")
-    return p
-
 
 def as_adapters(adapters: Adapter | Sequence[Adapter]) -> list[Adapter]:
     """A list of adapters whose updates are summed (llama.cpp's repeated --lora-scaled)."""

@@ -28,6 +28,17 @@ from typing import Any
 
 import torch
 
+# split by job: bench_models (model, adapters, inputs, timing), bench_report (tables, chart); the
+# names benchmarks/*.py import from lora_fx.bench are re-exported here
+from .bench_models import CACHE_KW as CACHE_KW
+from .bench_models import PROJ as PROJ
+from .bench_models import WORKLOADS, Inputs, build, compiled_forward, make_adapter, timed, weights_bytes
+from .bench_models import stored_bytes as stored_bytes
+from .bench_models import sync as sync
+from .bench_report import chart as chart
+from .bench_report import report
+from .bench_report import summarize as summarize
+
 GROUPS = {  # process -> variants timed together with their own compiled base
     "eager": ["eager base", "PEFT eager", "PEFT merged eager", "PEFT compiled"],  # PEFT compiles its own frame
     "peft-compiled": ["PEFT compiled"],  # opt-in: PEFT compiled alone beside the base
@@ -36,85 +47,6 @@ GROUPS = {  # process -> variants timed together with their own compiled base
     "branch": ["lora_fx branch", "lora_fx mixed x4"],  # mixed: batch-8 decode only
     "compile": ["lora_fx fold", "lora_fx branch"],  # cold compiles, one after another
 }
-WORKLOADS = ("prefill", "decode", "decode b8", "generate")
-CACHE_KW = "cache" if "cache" in __import__("inspect").signature(
-    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build(args: argparse.Namespace):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(1, args.hidden // 64)
-    ratio, groups = getattr(args, "mlp_ratio", 3.5), getattr(args, "kv_groups", 4)  # today's shapes by default
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=int(args.hidden * ratio) // 8 * 8, num_hidden_layers=args.layers,
-                      num_attention_heads=heads, num_key_value_heads=max(1, heads // groups),
-                      max_position_embeddings=4096)
-    dtype = getattr(torch, getattr(args, "dtype", "float32"))
-    return LlamaForCausalLM(cfg).eval().to(getattr(args, "device", "cpu"), dtype)
-
-
-def make_adapter(model, args, seed: int, out_dir: str):
-    import lora_fx
-    from lora_fx.loading import random_adapter
-
-    cfg = lora_fx.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ)
-    ad = random_adapter(model.cpu().float(), cfg, seed=seed, std=0.02)
-    model.to(args.device, getattr(torch, args.dtype))
-    ad.save(out_dir)
-    return lora_fx.load_adapter(out_dir)
-
-
-class Inputs:
-    """Inputs per workload; decode caches are cropped back to the prompt length after each call."""
-
-    def __init__(self, args):
-        gen = torch.Generator().manual_seed(0)
-        self.args = args
-        self.prefill = torch.randint(0, args.vocab, (1, args.seq), generator=gen).to(args.device)
-        self.prompt = {b: torch.randint(0, args.vocab, (b, args.seq), generator=gen).to(args.device) for b in (1, 8)}
-        self.step = {b: torch.randint(0, args.vocab, (b, 1), generator=gen).to(args.device) for b in (1, 8)}
-
-    def workload(self, model, name: str) -> Callable[[], object]:
-        if name == "prefill":
-            return lambda: model(input_ids=self.prefill, use_cache=False)
-        if name == "generate":
-            ids = self.prompt[1][:, :16]
-            return lambda: model.generate(ids, max_new_tokens=self.args.new_tokens, do_sample=False,
-                                          min_new_tokens=self.args.new_tokens, pad_token_id=0)
-        b = 8 if name == "decode b8" else 1
-        # the KV cache is filled by the model's own uncompiled forward: the prompt's graph is not
-        # what this workload times, and compiling it for every variant would double the run
-        eager = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
-        first = eager(input_ids=self.prompt[b], use_cache=True)
-        cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5 / 4 name
-
-        def step():
-            out = model(input_ids=self.step[b], **{CACHE_KW: cache}, use_cache=True)
-            cache.crop(-1)  # back to the prompt length
-            return out
-
-        return step
-
-
-def sync(args):
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, args) -> float:
-    sync(args)
-    t = time.perf_counter()
-    fn()
-    sync(args)
-    return time.perf_counter() - t
-
-
-def compiled_forward(model, backend=None):
-    model.forward = torch.compile(model.forward, backend=backend or "inductor", dynamic=True)
-    return model
 
 
 def variants_for(group: str, args, tmp: str) -> dict:
@@ -147,24 +79,6 @@ def variants_for(group: str, args, tmp: str) -> dict:
             out[name] = compiled_forward(copy.deepcopy(base), be)
             extra[name] = be
     return out, extra, adapters, base
-
-
-def stored_bytes(t: torch.Tensor) -> int:
-    """Bytes ``t`` keeps in memory: a quantized tensor subclass (torchao) counts its inner tensors,
-    not its logical shape times its logical dtype."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(stored_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
-
-
-def weights_bytes(model, be=None) -> int:
-    n = sum(stored_bytes(p) for p in model.parameters())
-    if be is not None:
-        n += sum(stored_bytes(t) for t in be.state.held())
-    return n
 
 
 def run_group(group: str, args) -> dict:
@@ -240,71 +154,6 @@ def peft_swap_latency(pm, tmp) -> dict:
     times = [timed(lambda i=i: hotswap_adapter(pm, os.path.join(tmp, f"a{i % 4}"), adapter_name="default"),
                    argparse.Namespace(device="cpu")) for i in range(1, 21)]
     return {"PEFT hotswap_adapter (load + swap)": statistics.median(times) * 1e3}
-
-
-def summarize(results: list[dict], args) -> tuple[str, dict]:
-    rows, table = [], {}
-    for res in results:
-        for wl, samples in res.get("times", {}).items():
-            base = statistics.median(samples["compiled base"])
-            for name, s in samples.items():
-                if name == "compiled base" and res["group"] != "eager":
-                    continue
-                med = statistics.median(s)
-                best = min(samples["compiled base"])
-                table.setdefault(name, {})[wl] = dict(median_ms=med * 1e3, min_ms=min(s) * 1e3, max_ms=max(s) * 1e3,
-                                                      ratio=med / base, ratio_min=min(s) / best)
-    for res in results:
-        for name, c in res.get("compile_s", {}).items():
-            t = table.setdefault(name, {})
-            t["compile_ratio"] = c / res["compile_s"]["compiled base"]
-            samples = res.get("compile_samples", {})
-            if samples:
-                t["compile_ratio_min"] = min(samples[name]) / min(samples["compiled base"])
-        for name, w in res.get("weights_mib", {}).items():
-            table.setdefault(name, {})["weights_ratio"] = w / res["weights_mib"]["compiled base"]
-    head = "| variant | " + " | ".join(WORKLOADS) + " | compile | weights |"
-    rows.append(head)
-    rows.append("|" + "---|" * (len(WORKLOADS) + 3))
-    for name, t in table.items():
-        cells = []
-        for wl in WORKLOADS:
-            c = t.get(wl)
-            cells.append("" if c is None else f"{c['ratio']:.3f}x ({c['ratio_min']:.3f}x)")
-        comp, comp_min = t.get("compile_ratio"), t.get("compile_ratio_min")
-        cells.append("" if comp is None or "eager" in name else
-                     f"{comp:.2f}x" + ("" if comp_min is None else f" ({comp_min:.2f}x)"))
-        cells.append(f"{t.get('weights_ratio', 1):.3f}x")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    swaps = {(a if a.startswith("PEFT") else f"lora_fx {res['group']}: {a}"): b
-             for res in results for a, b in res.get("swap_ms", {}).items()}
-    for res in results:  # a recompile for a new adapter costs at least a cold compile of the prefill graph
-        if "lora_fx branch" in res.get("compile_s", {}):
-            cold = res["compile_s"]["lora_fx branch"] * 1e3
-            swaps["lora_fx branch: recompile instead (cold compile, prefill graph)"] = cold
-    if swaps:
-        rows += ["", "| swap | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in swaps.items()]
-    return "\n".join(rows), {"table": table, "swap_ms": swaps}
-
-
-def chart(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in summary["table"] if any(w in summary["table"][n] for w in WORKLOADS)]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        vals = [summary["table"][name].get(w, {}).get("ratio", 0) for w in WORKLOADS]
-        ax.bar([x + i * width for x in range(len(WORKLOADS))], vals, width, label=name)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(WORKLOADS))], WORKLOADS)
-    ax.set_ylabel("time / compiled base (lower is better)")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -410,28 +259,6 @@ def save_table(path: str, script: str, argv: list[str], text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"`python benchmarks/{os.path.basename(script)} {' '.join(argv)}`\n\n{text}\n")
-
-
-def report(results: list[dict], args: argparse.Namespace, tag: str) -> int:
-    """Write <tag>.md, <tag>.json and <tag>.png from the groups' results, and print the table."""
-    text, summary = summarize(results, args)
-    inter, kv = int(args.hidden * args.mlp_ratio) // 8 * 8, args.hidden // args.kv_groups
-    layer = args.hidden * (2 * args.hidden + 2 * kv) + 3 * args.hidden * inter  # weight MACs per token
-    head = args.vocab * args.hidden
-    header = (f"lora_fx benchmark: Llama hidden {args.hidden}, {args.layers} layers, intermediate {inter}, "
-              f"{args.kv_groups} query heads per KV head, vocab {args.vocab} (output head: "
-              f"{head / (head + args.layers * layer):.0%} of the weight FLOPs), r={args.rank} "
-              f"on all 7 projections, {args.dtype} on {args.device}; prefill {args.seq} tokens, decode with a "
-              f"{args.seq}-token KV cache, generate {args.new_tokens} tokens. Ratios: median time / the compiled "
-              f"base's median in the same process (in brackets: best call / best call). Absolute times are in the "
-              f"JSON file; compare them only within one process.")
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write(header + "\n\n" + text + "\n")
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=1)
-    chart(summary, os.path.join(args.out, f"{tag}.png"))
-    print(header + "\n\n" + text)
-    return 0
 
 
 if __name__ == "__main__":
