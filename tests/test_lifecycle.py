@@ -642,7 +642,8 @@ def test_an_evaluation_under_inference_mode_between_training_steps(tmp_path, bet
     with PEFT's losses and trained logits (PEFT's DoRA magnitude frozen: lora_fx trains A / B)."""
     from peft.tuners.lora import LoraLayer
 
-    case = Case("dora", "llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=between == "dora_eval"))
+    case = Case("dora", "llama", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                                      use_dora=between == "dora_eval"))
     base, pm = peft_adapter(case, str(tmp_path))
     ad = lora_fx.load_adapter(tmp_path)
     for name, p in pm.named_parameters():
