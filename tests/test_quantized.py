@@ -443,3 +443,26 @@ def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(dense_dir, base, ta
     want = r"compiled for \['model.layers.0.self_attn.o_proj'\] and dynamo now runs it for \['model.layers.1.self_"
     with torch.no_grad(), pytest.raises(GraphRewriteError, match=want):
         model(input_ids=ids, use_cache=False)
+
+
+def test_training_through_a_repacked_4bit_weight_is_refused(tmp_path, dense_dir):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference call, and its
+    training path reads a repacked weight wrongly: training is refused by name, inference is not."""
+    model = bnb_llama(dense_dir)
+    ids = example_ids(seq=6)
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation first: bitsandbytes repacks every 4-bit weight
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    ad = random_adapter(model, LoraConfig(r=4, target_modules=TARGETS), seed=1)
+    be = lora_fx.backend(ad, inner="aot_eager")
+    be.parameters()
+    compiled = torch.compile(model, backend=be)
+    with pytest.raises(GraphRewriteError, match=r"train before the first inference call(.|\n)*model.layers.0.self_attn."
+                                                r"q_proj: its bitsandbytes 4-bit weight was repacked"):
+        compiled(input_ids=ids, labels=ids)
+    model.eval()
+    with torch.no_grad():  # inference through the repacked weights is unchanged
+        torch.testing.assert_close(logits(compiled, ids), lora_fx.lora_forward(model, ad, input_ids=ids).logits, **TOL)
