@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from . import graph as g
 from . import inplace
 from .adapter import Adapter
+from .binding import Binder, Owners, base_table, bound_table
 from .dynamo import (
     copy_dynamo_graph,
     find_model,
@@ -32,10 +33,9 @@ from .dynamo import (
 from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
 from .inplace import merged_by_other, merged_problem
 from .inputs import DynamoInputs
-from .rewrite import MODES, RewriteReport, owners_of, param_names, rewrite_graph, split_module_problem
+from .rewrite import MODES, RewriteReport, Rewritten, rewrite_graph
 from .slots import Adapters
 from .state import LoraState, resolve, stamp
-from .tensors import address
 
 INNER = ("inductor", "aot_eager", "eager")
 FUSE_TOKENS = 16  # Inductor: at most this many static tokens, the branch is fused reductions (CPU fp32:
@@ -107,6 +107,7 @@ class LoraBackend:
         self.reports: list[RewriteReport] = []
         self.model: torch.nn.Module | None = None
         self._seen: set[str] = set()
+        self._owners: Owners | None = None  # whose weights a graph gets, shared by the graphs (see binding)
         watch_recompile_limit()
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -160,11 +161,14 @@ class LoraBackend:
         dropped = _drop_replaced_subclass_inputs(gm, example_inputs, read)
         kept = [x for i, x in enumerate(example_inputs) if i not in dropped]
         compiled = self.inner(gm, [*kept, *static_fakes(extra, trainable)])
-        live = {i: state.sources[id(t)][1:] for i, t in enumerate(extra) if id(t) in state.sources}
-        owners = _WeightOwners(model, done.owned, example_inputs, state) if done.owned and model is not None else None
+        if done.owned and model is not None:
+            if self._owners is None or self._owners.model is not model:
+                self._owners = Owners(model, state)
+            binder = Binder(self._owners, done.owned, example_inputs)
+        else:
+            binder = None
         repacked = _repackable_modules(model) if model is not None and state.mode == "branch" else []
-        return _bind(compiled, extra, state, done.derived, done.batch, done.no_backward, live, owners, dropped,
-                     repacked)
+        return _bind(compiled, extra, state, done, binder, dropped, repacked, self._seen)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -266,51 +270,6 @@ class LoraBackend:
         return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
 
 
-class _WeightOwners:
-    """Checks, at each call, that a graph gets the weights of the modules it was compiled for.
-
-    Dynamo reuses a compiled graph for every module whose forward has the same code when its
-    guards cannot tell them apart (regional compilation with ``layer.compile``, a graph break
-    between or inside modules); the graph holds the adapter tensors of the modules it was compiled
-    for, so run for another module it would apply the wrong adapter, or none. A weight whose
-    address moved is looked up in the model as it is now (a weight replaced with
-    ``load_state_dict`` still belongs to its module; FSDP2 gathers weights into fresh memory whose
-    address another module's weight may have had)."""
-
-    def __init__(self, model: torch.nn.Module, owned: list[tuple[int, set[str], bool]], args: Sequence[Any],
-                 state: LoraState):
-        self.model, self.state = model, state
-        self.params = param_names(state.layout.specs)
-        self.items = [[i, address(args[i]), fqns, split] for i, fqns, split in owned]
-
-    def check(self, args: Sequence[Any]) -> None:
-        for item in self.items:
-            i, ptr, want, split = item
-            t = args[i]
-            at = address(t)
-            if at == ptr:
-                continue
-            key = (at, tuple(t.shape))
-            # the model now: FSDP2 reuses freed addresses
-            got = set(owners_of(self.model, self.params).get(key, []))
-            if got & want:
-                item[1] = key[0]
-                continue
-            wrong = sorted((want | got) & set(self.state.layout.specs))
-            if wrong and self.state._multiplier:  # disabled or scale 0: the base output is right
-                modules = g.named(self.model.named_modules())
-                if split:  # compiled for a module split by a graph break: the op is in no graph
-                    problems = [split_module_problem(f, f"argument {i}", modules.get(f)) for f in wrong]
-                else:
-                    problems = [f"argument {i}: this graph was compiled for {sorted(want)} and dynamo now runs it for "
-                                f"{sorted(got) or 'a tensor of no module'}: dynamo reuses a compiled graph for every "
-                                "module whose forward has the same code (regional compilation, a graph break between "
-                                "modules), and the graph holds the adapter tensors of the modules it was compiled for. "
-                                "Compile the whole model rather than each repeated block, and remove graph breaks "
-                                "inside the repeated blocks (TORCH_LOGS=graph_breaks shows where they are)"]
-                raise GraphRewriteError(problems, header="cannot apply the adapter to this graph:")
-
-
 def _drop_replaced_subclass_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], read: set) -> set[int]:
     """Remove the graph's inputs that the rewrite left unread and that are tensor subclasses (a
     quantized weight a requantized W' replaced): AOTAutograd would unwrap each at every call for
@@ -345,34 +304,28 @@ def _refuse_training_repacked(modules: Sequence[tuple[str, torch.nn.Module]]) ->
                                 "model again (inference through it is unaffected):")
 
 
-def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, batch: Any,
-          no_backward: Sequence[str] = (), live: dict | None = None, owners: _WeightOwners | None = None,
-          dropped: set[int] = frozenset(), repacked: Sequence[tuple[str, torch.nn.Module]] = ()) -> Callable:
-    """The function dynamo calls for one graph: bring what it reads up to date, then run it.
+def _bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, binder: Binder | None,
+          dropped: set[int] = frozenset(), repacked: Sequence[tuple[str, torch.nn.Module]] = (),
+          seen: set[str] | None = None) -> Callable:
+    """The function dynamo calls for one graph: bind the modules whose weights it gets (see
+    :mod:`lora_fx.binding`), bring what it reads up to date, then run it.
 
-    ``extra`` are the tensors appended to every call; those that belong to a derived set are
-    looked up again whenever a set was recomputed (into new tensors), the rest (A, B, the
-    selection) are passed as they are. ``no_backward``: modules traced without a backward
-    (see ``rewrite._traced_without_gradient``): a call that would train through them raises.
-    ``live``: positions in ``extra`` read from a module attribute at each call (attached A / B,
-    which FSDP2 swaps between its sharded and gathered forms). ``owners``: see :class:`_WeightOwners`.
-    ``dropped``: positions of the call's arguments the compiled graph no longer takes.
+    ``extra`` are the tensors appended to every call: those of a derived set are looked up again
+    whenever a set was recomputed (into new tensors), A / B and the selection are passed as they
+    are, attached A / B are read from their module (FSDP2 swaps its sharded and gathered forms).
+    ``done.no_backward``: modules traced without a backward (``rewrite._traced_without_gradient``),
+    ``repacked``: bitsandbytes 4-bit modules: a call that would train through them raises.
+    ``dropped``: positions of the call's arguments the compiled graph no longer takes. ``seen``:
+    the modules the backend's graphs have held, bound ones added.
     """
-    owner = {id(t): (d, role) for d, _ in derived for role, t in d.tensors.items()}
-    slots = [owner.get(id(t), (None, t)) for t in extra]
-    watched = [(d, refs) for d, refs in derived if d.watch or state.inplace]
-    seen = [-1, -1]  # the state's generation and changes when ``current`` was built
-    current = [extra]
+    seen = set() if seen is None else seen
+    derived, no_backward = done.derived, done.no_backward
+    tables = {(): base_table(state, extra, derived)}
     device = state.device
     # one stamp over every watched base tensor: while it and the state's changes are as they were
-    # after this graph's last full check, no derived set it reads can be stale (in place excluded:
+    # after a table's last full check, no derived set it reads can be stale (in place excluded:
     # its check also reads the weights it wrote)
-    quick = bool(watched) and not state.inplace
-    checked = [None, -1]  # that stamp, and the state's changes after that check
-
-    def watched_stamp(args: Sequence[Any]) -> tuple:
-        return stamp([t for d, refs in watched for t in (*resolve(refs, args), *d.also)])
-
+    quick = not state.inplace
     replaced = [(d.key, refs[0]) for d, refs in derived if d.kind == "override"]  # modules_to_save, saved biases
     bases = [(d.key, refs) for d, refs in derived if d.kind != "override"]
     merges = [inplace.EPOCH[0]]  # in-place folds made anywhere: checked again after a new one
@@ -393,23 +346,25 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, derived: list, bat
         with state.lock:
             if merges[0] != inplace.EPOCH[0]:
                 refuse_merged(args)
-            if owners is not None:
-                owners.check(args)
-            stale = seen[0] != state.generation
-            now = watched_stamp(args) if quick else None
-            if not quick or stale or now != checked[0] or checked[1] != state.changes:
-                state.check([(d, resolve(refs, args)) for d, refs in (derived if stale else watched)])
-                checked[0], checked[1] = now, state.changes
-            if stale or seen[1] != state.changes:
-                current[0] = tuple(t if d is None else d.tensors[t] for d, t in slots)
-                seen[0], seen[1] = state.generation, state.changes
+            pairs = binder.pairs(args) if binder is not None else ()
+            table = tables.get(pairs)
+            if table is None:
+                table = tables[pairs] = bound_table(state, tables[()], extra, derived, done.added, pairs, args)
+                seen.update(y for _, y in pairs)
+            stale = table.seen[0] != state.generation
+            now = stamp([t for d, refs in table.watched for t in (*resolve(refs, args), *d.also)]) \
+                if quick and table.watched else None
+            if not quick or stale or now != table.checked[0] or table.checked[1] != state.changes:
+                state.check([(d, resolve(refs, args)) for d, refs in (table.derived if stale else table.watched)])
+                table.checked = [now, state.changes]
+            if stale or table.seen[1] != state.changes:
+                table.rebuild()
+                table.seen = [state.generation, state.changes]
             if device is not None and state.device != device:  # the model moved back and forth
                 state.place(device)
-            if batch is not None and state.selection is not None:
-                _check_batch(batch, args, state.selection.count)
-            tensors = current[0]
-            if live:
-                tensors = tuple(getattr(*live[i]) if i in live else t for i, t in enumerate(tensors))
+            if done.batch is not None and state.selection is not None:
+                _check_batch(done.batch, args, state.selection.count)
+            tensors = table.tensors(args)
             if dropped:
                 args = [a for i, a in enumerate(args) if i not in dropped]
             return compiled(*args, *tensors)

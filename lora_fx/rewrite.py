@@ -320,6 +320,7 @@ class Rewritten:
     batch: Any = None  # mixed batches: where the call's batch size is read (see passes.mixed)
     no_backward: list[str] = field(default_factory=list)  # see _traced_without_gradient
     owned: list[tuple[int, set[str], bool]] = field(default_factory=list)  # see _owned_weights
+    added: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> role -> tensor added
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
@@ -448,10 +449,12 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     substitute_tensors(gm.graph, replacements)
 
     ranks: dict[int, int] = {}  # A's rows, by site
+    added: dict[str, dict[str, torch.Tensor]] = {}
 
     def nodes(s: g.Site) -> dict[str, fx.Node]:
         w_top, b_top = s.scope.top(s.weight), s.scope.top(s.bias) if s.bias is not None else None
         tensors, d = state.module_tensors(s.fqn, s.kind, inputs.value(w_top), inputs.value(b_top))
+        added.setdefault(s.fqn, {}).update(tensors)
         derived.append((d, (inputs.ref(w_top), inputs.ref(b_top))))
         ranks[id(s)] = tensors["lora_a"].shape[0] if "lora_a" in tensors else 0
         return {role: feeder.node(s.scope, f"{s.fqn}.{role}", t) for role, t in tensors.items()}
@@ -487,8 +490,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     for graph_module in touched.values():
         graph_module.graph.lint()
         graph_module.recompile()
-    return Rewritten(report, derived, batch, no_backward,
-                     owned)
+    return Rewritten(report, derived, batch, no_backward, owned, added)
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:

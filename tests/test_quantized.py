@@ -428,18 +428,24 @@ def test_training_through_a_kernel_traced_without_gradient_is_refused(dense_dir)
 
 @pytest.mark.parametrize(("base", "target"), [("torchao_int8", "o_proj"), ("torchao_nf4", "o_proj"),
                                              ("bnb_nf4", "o_proj"), ("bnb_nf4", "model.layers.1.self_attn.o_proj")])
-def test_a_graph_dynamo_reuses_for_another_layer_is_an_error(dense_dir, base, target):
-    """Regional compilation over quantized weights: dynamo reuses layer 0's graph for layer 1. A
-    torchao weight is a wrapper tensor subclass whose data_ptr() is 0 for every layer, so whose
-    weights a call gets is told by the storage of its inner tensors; a bitsandbytes module has no
-    linear op, so the graph holds its boundary, also for an untargeted module (layer 0's, when only
-    layer 1's is targeted)."""
+def test_a_graph_dynamo_reuses_for_another_layer_binds_or_is_an_error(dense_dir, base, target):
+    """Regional compilation over quantized weights: dynamo reuses layer 0's graph for layer 1, which
+    then reads layer 1's adapter. A torchao weight is a wrapper tensor subclass, a bitsandbytes
+    module has no linear op (the graph holds its boundary, also for an untargeted module: layer
+    0's, when only layer 1's is targeted, which then cannot be bound and raises)."""
     model = bnb_llama(dense_dir) if base == "bnb_nf4" else torchao_llama(base.split("_")[1])
     ad = random_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+    ids = example_ids()
+    with torch.no_grad():
+        ref = lora_fx.lora_forward(model, ad, input_ids=ids, use_cache=False).logits
+        assert (ref - model(input_ids=ids, use_cache=False).logits).abs().max() > 1e-3
     be = lora_fx.backend(ad, inner="aot_eager")
     for layer in model.model.layers:
         layer.compile(backend=be)
-    ids = example_ids()
+    if target == "o_proj":
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, ref, **TOL)
+        return
     want = r"compiled for \['model.layers.0.self_attn.o_proj'\] and dynamo now runs it for \['model.layers.1.self_"
     with torch.no_grad(), pytest.raises(GraphRewriteError, match=want):
         model(input_ids=ids, use_cache=False)
