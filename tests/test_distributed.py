@@ -33,7 +33,7 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(1, VOCAB, (2 * WORLD, 6), generator=g) for _ in range(STEPS)]
 
 
-def _train(model, be, batches, rank: int | None) -> list[float]:
+def _train(model, be, batches, rank: int | None, **kw) -> list[float]:
     compiled = torch.compile(model, backend=be)
     # SGD: its step is proportional to the gradient, so a gradient reduced with the wrong scale (a sum
     # for a mean, a missing reduction) shows in the adapter; AdamW's normalized step would hide it
@@ -41,7 +41,7 @@ def _train(model, be, batches, rank: int | None) -> list[float]:
     losses = []
     for ids in batches:
         ids = ids if rank is None else ids.chunk(WORLD)[rank]
-        loss = compiled(input_ids=ids, labels=ids).loss
+        loss = compiled(input_ids=ids, labels=ids, **kw).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -282,3 +282,73 @@ def test_attached_tensors_are_read_from_their_modules_at_each_call():
         torch.testing.assert_close(compiled(input_ids=ids).logits,
                                    lora_fx.lora_forward(tiny_model("llama"), changed, input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def _fsdp_all_linear_worker(rank: int, port: int, out_dir: str) -> None:
+    """FSDP2's standard recipe: init_adapter(all-linear), attach, fully_shard per layer and root, the
+    whole model compiled with Inductor (FSDP2's hooks break the graph per layer, so dynamo runs one
+    graph for several layers: each call binds its layer's A / B). Each rank trains on its half of
+    the batch, then again on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for split in (True, False):
+            torch._dynamo.reset()
+            model = tiny_model("llama")
+            be = lora_fx.backend(lora_fx.load_adapter(os.path.join(out_dir, "init")), mode="branch")  # Inductor
+            be.attach(model)
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            # without a KV cache (training), the layers' graphs do not differ by layer index: one graph
+            losses = _train(model, be, _batches(), rank if split else None, use_cache=False)
+            for loss in losses:
+                dist.all_reduce(loss)
+            out[split] = {"losses": [float(x) / WORLD for x in losses], "unseen": be.unseen_modules(),
+                          "adapter": be.trained_adapter().state_dict(),
+                          "graphs": [len(r.modules) for r in be.reports if r.modules]}
+        torch.save(out, os.path.join(out_dir, f"all{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.inductor
+def test_fsdp2_whole_model_compile_with_an_all_linear_adapter_matches_peft(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import peft
+
+    init = lora_fx.init_adapter(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), seed=2)
+    with torch.no_grad():  # B starts at 0 (PEFT's init): give it values, so the first step trains A too
+        for w in init.modules.values():
+            w.lora_b.copy_(0.1 * torch.randn(w.lora_b.shape, generator=torch.Generator().manual_seed(5)))
+    init.save(tmp_path / "init")
+    mp.spawn(_fsdp_all_linear_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"all{r}.pt") for r in range(WORLD)]
+    # the oracle: PEFT, one process, the whole batch, the same SGD steps
+    pm = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "init"), is_trainable=True)
+    pm.train()
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    want = []
+    for ids in _batches():
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want.append(float(loss))
+    peft_mods = dict(pm.base_model.model.named_modules())
+    start = init.state_dict()
+    for r in ranks:
+        for split in (True, False):
+            got = r[split]
+            assert got["unseen"] == [], "every targeted module ran in a compiled graph"
+            assert got["graphs"] == [7], "one graph for both layers' 7 projections: dynamo reuses it"
+            torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want), atol=1e-5, rtol=1e-5)
+            for key, v in got["adapter"].items():
+                fqn, role = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+                peft_t = getattr(peft_mods[fqn], "lora_" + role.split(".")[0])["default"].weight
+                assert (v - start[key]).abs().max() > 1e-4, f"{key}: training must move it"
+                torch.testing.assert_close(v, peft_t.detach(), atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
