@@ -30,6 +30,7 @@ from .dynamo import (
     static_fakes,
     watch_recompile_limit,
 )
+from .eager import EagerGuard, any_pending, computed_by_graph
 from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
 from .inplace import merged_by_other, merged_problem
 from .inputs import DynamoInputs
@@ -108,6 +109,7 @@ class LoraBackend:
         self.model: torch.nn.Module | None = None
         self._seen: set[str] = set()
         self._owners: Owners | None = None  # whose weights a graph gets, shared by the graphs (see binding)
+        self.eager = EagerGuard(self.state)  # targeted modules run outside the compiled graphs (see eager)
         watch_recompile_limit()
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -129,6 +131,7 @@ class LoraBackend:
         if self.state.mode == "branch":
             with self.lock:
                 self.state.attach(model, g.named(model.named_modules()))
+        self.eager.install(model, g.named(model.named_modules()))
         return model
 
     def _check_model(self, model: torch.nn.Module) -> None:
@@ -150,6 +153,8 @@ class LoraBackend:
         model = self.model or find_model(list(self.state.layout.specs))
         if model is not None and self.model is None:
             self._check_model(model)
+        if model is not None:
+            self.eager.install(model, g.named(model.named_modules()))
         state = self.state
         read = {n for n in gm.graph.find_nodes(op="placeholder") if n.users}
         with state.lock, torch.inference_mode(False):  # the tensors it makes are never inference tensors
@@ -168,7 +173,7 @@ class LoraBackend:
         else:
             binder = None
         repacked = _repackable_modules(model) if model is not None and state.mode == "branch" else []
-        return _bind(compiled, extra, state, done, binder, dropped, repacked, self._seen)
+        return _bind(compiled, extra, state, done, binder, dropped, repacked, self._seen, self.eager)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -306,7 +311,7 @@ def _refuse_training_repacked(modules: Sequence[tuple[str, torch.nn.Module]]) ->
 
 def _bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, binder: Binder | None,
           dropped: set[int] = frozenset(), repacked: Sequence[tuple[str, torch.nn.Module]] = (),
-          seen: set[str] | None = None) -> Callable:
+          seen: set[str] | None = None, eager: EagerGuard | None = None) -> Callable:
     """The function dynamo calls for one graph: bind the modules whose weights it gets (see
     :mod:`lora_fx.binding`), bring what it reads up to date, then run it.
 
@@ -365,6 +370,8 @@ def _bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, b
             if done.batch is not None and state.selection is not None:
                 _check_batch(done.batch, args, state.selection.count)
             tensors = table.tensors(args)
+            if eager is not None and any_pending():  # a module runs eagerly around this graph (its forward compiled)
+                computed_by_graph(eager.modules(table.modules))
             if dropped:
                 args = [a for i, a in enumerate(args) if i not in dropped]
             return compiled(*args, *tensors)

@@ -122,6 +122,7 @@ class Table:
     def __init__(self, state: LoraState, slots: list[tuple], derived: list[tuple[Derived, tuple]],
                  live: dict[int, tuple]):
         self.slots, self.derived, self.live = slots, derived, live
+        self.modules = {d.key for d, _ in derived if d.kind != "override"}  # whose outputs a call computes
         self.watched = [(d, refs) for d, refs in derived if d.watch or state.inplace]
         self.args = [(i, s[1]) for i, s in enumerate(slots) if s[0] == "arg"]
         self.seen = [-1, -1]  # the state's generation and changes when ``current`` was built

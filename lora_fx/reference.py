@@ -121,6 +121,8 @@ def apply_lora(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) ->
     Raises:
         ModelMismatchError: the adapters do not fit the model (see ``Adapter.check``).
     """
+    from .eager import suspended
+
     adapters = as_adapters(adapters)
     per_module = combined_modules(adapters)
     problems = [p for a in adapters for p in model_problems(a, model) if "the config targets" not in p]
@@ -152,7 +154,8 @@ def apply_lora(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter]) ->
             hook = (_embedding_hook(ws) if kind == "embedding" else _conv_hook(ws) if kind == "conv"
                     else _linear_hook(mod, ws))
             handles.append(mod.register_forward_hook(hook))
-        yield model
+        with suspended():  # a backend's eager guard on the same model: this block applies the adapters itself
+            yield model
     finally:
         for h in handles:
             h.remove()

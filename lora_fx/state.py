@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, regrouped
+from .adapter import Adapter, LoraWeights, regrouped
 from .errors import AdapterConfigError, StaleWeightError, SwapError, raise_if
 from .inplace import record_merge
 from .originals import OriginalStore
@@ -247,25 +247,7 @@ class LoraState:
             for role, attr in ATTACHED.items():
                 if getattr(mod, attr, None) is not t[role]:
                     mod.register_parameter(attr, t[role])
-            if fqn not in self.attached:
-                mod.register_forward_hook(self._eager_guard(fqn))
             self.attached[fqn] = mod
-
-    def _eager_guard(self, fqn: str):
-        """A forward hook on an attached module: traced into compiled graphs, where it does nothing;
-        run eagerly while the adapter is on (dynamo skipped the frame that calls the module, e.g. a
-        graph break inside a loop, or the model was called uncompiled), the module's output lacks
-        the adapter, so it raises instead of passing the base model's output on."""
-        def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
-            if not torch.compiler.is_compiling() and self.enabled and self._multiplier:
-                from .errors import GraphRewriteError
-
-                raise GraphRewriteError(
-                    f"{fqn}: ran outside the compiled graphs with the adapter on, so its output has no LoRA update "
-                    "(dynamo runs a frame eagerly when it cannot compile it, e.g. a graph break inside a loop; "
-                    "compile the code that calls this module, leave it out of the adapter, or run the base model "
-                    "under be.disabled())")
-        return hook
 
     # -- A and B ------------------------------------------------------------------------------
 
@@ -360,6 +342,22 @@ class LoraState:
             out.append(dataclasses.replace(adapter, modules=mods))
         return out
 
+    def live_weights(self, fqn: str, module: torch.nn.Module) -> list[LoraWeights]:
+        """The LoRA of module ``fqn`` as the compiled graphs apply it now, for an eager call of
+        ``module`` (see :mod:`lora_fx.eager`): each summed adapter's weights with the current A / B
+        (branch mode: trained, differentiable), scales times the multiplier, on the module's device."""
+        device = next((t.device for t in module.parameters(recurse=False)), None)
+        ws = [w.to(device) for w in self.adapters.weights(0, fqn)]
+        if self.mode == "branch":
+            t, at, live = self.trainable[fqn], 0, []
+            for w in ws:
+                a = t["lora_a"].T if w.embedding else t["lora_a"]
+                live.append(dataclasses.replace(w, lora_a=a[at:at + w.rank].to(device),
+                                                lora_b=regrouped(t["lora_b"][:, at:at + w.rank], w.groups).to(device)))
+                at += w.rank
+            ws = live
+        return [w.scaled(self._multiplier) for w in ws]
+
     # -- derived tensors ------------------------------------------------------------------------
 
     def module_tensors(self, fqn: str, kind: str, weight: torch.Tensor,
@@ -445,7 +443,10 @@ class LoraState:
             self._recompute(d, base)
 
     def _recompute(self, d: Derived, base: tuple) -> None:
-        d.tensors = {role: t if role == "weight" and d.key in self.requantized else torch.empty_like(t)
+        # in place, a substituted tensor keeps its identity: a module's in-place fold may be merged into
+        # it (PEFT saves a targeted embedding's base weight with the adapter) and refreshed after it
+        keep = (d.kind == "override" and self.inplace, d.key in self.requantized)
+        d.tensors = {role: t if keep[0] or (role == "weight" and keep[1]) else torch.empty_like(t)
                      for role, t in d.tensors.items()}
         self.changes += 1
         with torch.no_grad():
@@ -502,19 +503,23 @@ class LoraState:
 
     def _refresh_in_place(self, d: Derived) -> None:
         weight, bias = d.base
+        # the model's tensors are saved and put back; a substituted tensor (lora_fx's own: a saved bias
+        # or embedding) is recomputed by its own set first, before this one merges into it
+        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        model_own = [None if t is None or id(t) in owned else t for t in d.base]
         if d.merged:
-            self.originals.restore(d.key, d.base)
+            self.originals.restore(d.key, model_own)
             d.merged = False
-            d.saved = stamp(d.base)
+            d.saved = stamp(model_own)
         m = self._multiplier
         ws = self.adapters.weights(0, d.key) if m else []
         if "bias" in d.tensors:
             d.tensors["bias"].zero_()
         if not ws:
             return
-        if d.saved != stamp(d.base):  # first merge, or the base was changed while not merged
-            self.originals.save(d.key, d.base)
-            d.saved = stamp(d.base)
+        if d.saved != stamp(model_own):  # first merge, or the base was changed while not merged
+            self.originals.save(d.key, model_own)
+            d.saved = stamp(model_own)
         fresh = fold_tensors(ws, d.kind, weight, bias, m)
         weight.copy_(fresh["weight"])
         if "bias" in fresh:
@@ -548,6 +553,9 @@ class LoraState:
 
     def _holds_merge(self, d: Derived) -> bool:
         """Whether ``d``'s weights still hold exactly the merge lora_fx wrote."""
+        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        if any(t is not None and id(t) in owned for t in d.base):
+            return True  # merged into a tensor of lora_fx's own (see _refresh_in_place): nothing else writes it
         originals = [None if t is None else torch.empty_like(t) for t in d.base]
         self.originals.restore(d.key, originals)
         m = self._multiplier

@@ -27,7 +27,8 @@ def test_compiled_matches_peft(tmp_path, case, mode):
         # Fold's graph has one form (the base op reading W'): one length.
         for ids in (example_ids(), example_ids(seq=24, seed=1))[: 2 if mode == "branch" else 1]:
             want = logits(pm, ids)
-            assert (want - logits(base, ids)).abs().max() > 1e-3, "the adapter must change the outputs"
+            with be.disabled():  # the model run uncompiled carries the adapter too (lora_fx.eager)
+                assert (want - logits(base, ids)).abs().max() > 1e-3, "the adapter must change the outputs"
             torch.testing.assert_close(logits(compiled, ids), want, **TOL)
     assert len(be.reports) == (2 if mode == "branch" else 1)
     assert all(len(r.modules) == len(lora_fx.load_adapter(tmp_path).modules) for r in be.reports)
@@ -249,10 +250,12 @@ def test_bf16_model_with_fp32_adapter_matches_peft(tmp_path, mode):
     base = base.to(torch.bfloat16)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     ids = example_ids()
-    compiled = torch.compile(base, backend=lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode))
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path), mode=mode)
+    compiled = torch.compile(base, backend=be)
     with torch.no_grad():
         want, got = logits(pm, ids).float(), logits(compiled, ids).float()
-        plain = logits(base, ids).float()
+        with be.disabled():
+            plain = logits(base, ids).float()
     assert got.dtype == torch.float32 and (want - plain).abs().max() > 0.05
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 

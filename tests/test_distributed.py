@@ -258,15 +258,27 @@ def _attached_and_run():
     return model, be, compiled, ids
 
 
-def test_an_attached_module_run_eagerly_with_the_adapter_on_is_an_error():
-    # dynamo runs a frame eagerly when it cannot compile it (a graph break inside a loop): an attached
-    # module running there would give the base model's output; the guard says so instead
+def test_an_attached_module_run_eagerly_gets_its_update_and_gradients():
+    # dynamo runs a frame eagerly when it cannot compile it, and callers run the model uncompiled
+    # (transformers' generate prefill): a targeted module running there gets its update from the
+    # reference math, with the current (trained) A / B, and trains them
     model, be, compiled, ids = _attached_and_run()
+    params = be.named_parameters()
     with torch.no_grad():
-        with pytest.raises(lora_fx.GraphRewriteError, match="model.embed_tokens: ran outside the compiled graphs"):
-            model(input_ids=ids)
-        with be.disabled():
-            torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
+        for t in params.values():
+            t["lora_b"].add_(0.05)  # as a training step would: the eager path reads the current values
+    trained = be.trained_adapter()
+    want = lora_fx.lora_forward(tiny_model("llama"), trained, input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), want, atol=1e-4, rtol=1e-4)
+    model(input_ids=ids, labels=ids).loss.backward()
+    compiled_grads = {f: t["lora_a"].grad.clone() for f, t in params.items()}
+    for t in params.values():
+        t["lora_a"].grad = None
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    for f, t in params.items():
+        torch.testing.assert_close(compiled_grads[f], t["lora_a"].grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), be.disabled():
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
 
 
 def test_attached_tensors_are_read_from_their_modules_at_each_call():

@@ -43,8 +43,9 @@ def test_mixed_batches_with_dora_lora_bias_and_embeddings(variant):
         be.select(rows)
         got = logits(compiled, ids)
         for i, name in enumerate(rows):
-            want = (logits(model, ids[i:i + 1]) if name is None
-                    else lora_fx.lora_forward(model, ads[name], input_ids=ids[i:i + 1]).logits)
+            with be.disabled():
+                base = logits(model, ids[i:i + 1])
+            want = base if name is None else lora_fx.lora_forward(model, ads[name], input_ids=ids[i:i + 1]).logits
             torch.testing.assert_close(got[i:i + 1], want, **TOL)
         assert (got[0] - got[2]).abs().max() > 1e-3
 
@@ -111,11 +112,13 @@ def test_fp16_model_matches_peft(tmp_path, mode):
     base = base.to(torch.float16)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), autocast_adapter_dtype=False).eval()
     ad = lora_fx.load_adapter(tmp_path, dtype=torch.float16)
-    compiled = torch.compile(base, backend=lora_fx.backend(ad, mode=mode, inner="aot_eager"))
+    be = lora_fx.backend(ad, mode=mode, inner="aot_eager")
+    compiled = torch.compile(base, backend=be)
     ids = example_ids()
     with torch.no_grad():
         want, got = logits(pm, ids).float(), logits(compiled, ids).float()
-        assert (want - logits(base, ids).float()).abs().max() > 0.05
+        with be.disabled():
+            assert (want - logits(base, ids).float()).abs().max() > 0.05
     assert logits(compiled, ids).dtype == torch.float16
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 

@@ -504,11 +504,9 @@ def test_a_graph_compiled_for_an_untargeted_layer_cannot_be_bound():
     for layer in model.model.layers:
         layer.compile(backend=be)
     ids = example_ids()
-    with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match=r"compiled for \['model.layers.0.self_attn.q_"
-                                                                        r"proj'\] and dynamo now runs it for \['model."
-                                                                        r"layers.1.self_attn.q_proj'\], which cannot be "
-                                                                        r"bound: the graph was compiled for a module the "
-                                                                        r"adapter does not target"):
+    want = (r"compiled for \['model.layers.0.self_attn.q_proj'\] and dynamo now runs it for \['model.layers.1."
+            r"self_attn.q_proj'\], which cannot be bound: the graph was compiled for a module the adapter does not")
+    with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match=want):
         model(input_ids=ids, use_cache=False)
     with torch.no_grad(), be.disabled():  # the base model: the same graph is right for every layer
         torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits,
@@ -689,7 +687,8 @@ def test_a_tied_head_reading_a_targeted_embedding_in_another_graph_is_applied():
     with torch.no_grad():
         got = logits(torch.compile(model, backend=be), ids)
         want = reference(model, ad, ids)
-    assert (want - logits(model, ids)).abs().max() > 1e-3, "the adapter changes the output"
+    with torch.no_grad(), be.disabled():  # the model run uncompiled computes with the adapter too (lora_fx.eager)
+        assert (want - logits(model, ids)).abs().max() > 1e-3, "the adapter changes the output"
     torch.testing.assert_close(got, want, **TOL)
     assert len(be.reports) > 1
 
