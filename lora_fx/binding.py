@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from . import graph as g
+from .collect import owners_of, param_names, split_module_problem
 from .errors import GraphRewriteError, raise_if
-from .rewrite import owners_of, param_names, split_module_problem
 from .state import Derived, LoraState
 from .tensors import IDENTITY, address
 
@@ -62,7 +62,7 @@ class Binder:
     """The modules one graph was compiled for, and to which a call binds them (see the module doc).
 
     ``owned``: (call position, the modules the graph was compiled for there, whether it lacks
-    their op) for every weight input of a targeted module's class (``rewrite._owned_weights``).
+    their op) for every weight input of a targeted module's class (``collect._owned_weights``).
     """
 
     def __init__(self, owners: Owners, owned: list[tuple[int, set[str], bool]], args: Sequence[Any]):

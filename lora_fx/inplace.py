@@ -1,4 +1,4 @@
-"""Which tensors hold an adapter that a lora_fx backend folded into them in place.
+"""In-place fold: merged into the model's own weights, and which tensors hold such a merge.
 
 An in-place fold writes W' = W + s B A into the model's own weight. Any other backend (any mode)
 or ``rewrite`` that met such a weight would take W' for the base and apply its adapter on top of
@@ -9,12 +9,14 @@ others refuse it, naming the module and the fix (``restore()`` on the backend th
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from .tensors import address
+from .derived import Derived, stamp
+from .errors import StaleWeightError, raise_if
+from .tensors import address, fold_tensors
 
 _MERGED: dict[tuple, tuple[weakref.ref, weakref.ref, str]] = {}  # (storage address, shape) -> (tensor, owner, module)
 EPOCH = [0]  # bumped at every merge, so a compiled call checks its weights again only after one
@@ -52,3 +54,64 @@ def merged_problem(fqn: str, what: str, holder: str) -> str:
     return (f"{fqn}: its {what} holds an adapter that another lora_fx backend folded into it in place (module "
             f"{holder}), so this one would apply its adapter on top of that one; call restore() on the in-place "
             "backend first (it puts the model's own weights back), or compile with that backend alone")
+
+
+class InPlaceFold:
+    """``LoraState``'s in-place fold: merge into the model's weights, put them back, notice changes
+    lora_fx did not make (a mixin: the state's own attributes)."""
+
+    def _refresh_in_place(self, d: Derived) -> None:
+        weight, bias = d.base
+        # the model's tensors are saved and put back; a substituted tensor (lora_fx's own: a saved bias
+        # or embedding) is recomputed by its own set first, before this one merges into it
+        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        model_own = [None if t is None or id(t) in owned else t for t in d.base]
+        if d.merged:
+            self.originals.restore(d.key, model_own)
+            d.merged = False
+            d.saved = stamp(model_own)
+        m = self._multiplier
+        ws = self.adapters.weights(0, d.key) if m else []
+        if "bias" in d.tensors:
+            d.tensors["bias"].zero_()
+        if not ws:
+            return
+        if d.saved != stamp(model_own):  # first merge, or the base was changed while not merged
+            self.originals.save(d.key, model_own)
+            d.saved = stamp(model_own)
+        fresh = fold_tensors(ws, d.kind, weight, bias, m)
+        weight.copy_(fresh["weight"])
+        if "bias" in fresh:
+            (bias if bias is not None else d.tensors["bias"]).copy_(fresh["bias"])
+        d.merged = True
+
+    def _holds_merge(self, d: Derived) -> bool:
+        """Whether ``d``'s weights still hold exactly the merge lora_fx wrote."""
+        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        if any(t is not None and id(t) in owned for t in d.base):
+            return True  # merged into a tensor of lora_fx's own (see _refresh_in_place): nothing else writes it
+        originals = [None if t is None else torch.empty_like(t) for t in d.base]
+        self.originals.restore(d.key, originals)
+        m = self._multiplier
+        fresh = fold_tensors(self.adapters.weights(0, d.key) if m else [], d.kind, originals[0], originals[1], m)
+        weight, bias = d.base
+        held = bias if bias is not None else d.tensors.get("bias")
+        return torch.equal(fresh["weight"], weight) and ("bias" not in fresh or torch.equal(fresh["bias"], held))
+
+    def _check_in_place(self, ds: Sequence[Derived], bases: Sequence[tuple] | None = None) -> None:
+        """Raise if a weight holding an in-place merge was changed or replaced by someone else.
+        ``bases``: the tensors a call reads for each (default: those merged into); while not merged,
+        tensors the model now holds instead are the new base."""
+        bases = [d.base for d in ds] if bases is None else bases
+        stale = [d.key for d, base in zip(ds, bases) if d.merged and stamp(base) != d.stamp]
+        raise_if(stale, StaleWeightError,
+                 "changed (edited in place, loaded, replaced or moved) while holding the adapter folded in place; "
+                 "lora_fx cannot tell a new base weight from the merged one. Call be.restore() (it puts back the "
+                 "weights lora_fx saved, undoing an in-place change in these modules only; a tensor that replaced "
+                 "a merged one is kept as the new base), make an in-place change again (e.g. load the state dict "
+                 "again), then be.enable(); next time call be.restore() before changing the weights:")
+        for d, base in zip(ds, bases):
+            if not d.merged and any(t is not b for t, b in zip(base, d.base)):
+                d.base, d.generation = tuple(base), -1  # merged into at the next refresh
+            elif not d.merged and d.generation == self.generation:
+                d.stamp = stamp(d.base)  # the base itself was changed while not merged: it is the new base

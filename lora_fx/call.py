@@ -1,0 +1,136 @@
+"""The function dynamo calls for one compiled graph (``bind``) and the checks it makes before
+running it: training through what lora_fx cannot train (a kernel traced without a backward, a
+repacked bitsandbytes weight, a substituted parameter), weights another backend merged in place,
+a mixed batch that does not match the selection; then the binding (:mod:`lora_fx.binding`), the
+derived tensors brought up to date, and the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import graph as g
+from . import inplace
+from .binding import Binder, base_table, bound_table
+from .eager import EagerGuard, any_pending, computed_by_graph
+from .errors import GraphRewriteError, SwapError, raise_if
+from .inplace import merged_by_other, merged_problem
+from .rewrite import Rewritten
+from .state import LoraState, resolve, stamp
+
+
+def _repackable_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """bitsandbytes 4-bit modules (see :func:`_refuse_training_repacked`)."""
+    return [(fqn, m) for fqn, m in g.named(model.named_modules()).items()
+            if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+
+
+def _refuse_training_repacked(modules: Sequence[tuple[str, torch.nn.Module]]) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel at the first inference call; its
+    training path then reads the repacked weight wrongly (with PEFT itself on a tiny NF4 Llama:
+    the loss 3.1e-3 and an A gradient 6.9e-3 of 6.4e-2 off the fp32 computation, against 0.0 on a
+    weight never repacked). Until bitsandbytes reads it right, training through one is refused."""
+    raise_if([f"{fqn}: its bitsandbytes 4-bit weight was repacked for the CPU inference kernel (at the first call "
+              "without gradients), and bitsandbytes' training path reads a repacked weight wrongly (gradients about "
+              "10% off)" for fqn, m in modules
+              if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)],
+             GraphRewriteError, "cannot train through this graph: train before the first inference call, or load the "
+                                "model again (inference through it is unaffected):")
+
+
+def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, binder: Binder | None,
+          dropped: set[int] = frozenset(), repacked: Sequence[tuple[str, torch.nn.Module]] = (),
+          seen: set[str] | None = None, eager: EagerGuard | None = None) -> Callable:
+    """The function dynamo calls for one graph: bind the modules whose weights it gets (see
+    :mod:`lora_fx.binding`), bring what it reads up to date, then run it.
+
+    ``extra`` are the tensors appended to every call: those of a derived set are looked up again
+    whenever a set was recomputed (into new tensors), A / B and the selection are passed as they
+    are, attached A / B are read from their module (FSDP2 swaps its sharded and gathered forms).
+    ``done.no_backward``: modules traced without a backward (``collect._traced_without_gradient``),
+    ``repacked``: bitsandbytes 4-bit modules: a call that would train through them raises.
+    ``dropped``: positions of the call's arguments the compiled graph no longer takes. ``seen``:
+    the modules the backend's graphs have held, bound ones added.
+    """
+    seen = set() if seen is None else seen
+    derived, no_backward = done.derived, done.no_backward
+    tables = {(): base_table(state, extra, derived)}
+    device = state.device
+    # one stamp over every watched base tensor: while it and the state's changes are as they were
+    # after a table's last full check, no derived set it reads can be stale (in place excluded:
+    # its check also reads the weights it wrote)
+    quick = not state.inplace
+    replaced = [(d.key, refs[0]) for d, refs in derived if d.kind == "override"]  # modules_to_save, saved biases
+    bases = [(d.key, refs) for d, refs in derived if d.kind != "override"]
+    merges = [inplace.EPOCH[0]]  # in-place folds made anywhere: checked again after a new one
+
+    def refuse_merged(args: Sequence[Any]) -> None:
+        raise_if([merged_problem(fqn, what, holder) for fqn, refs in bases
+                  for what, t in zip(("weight", "bias"), resolve(refs, args))
+                  if (holder := merged_by_other(t, state)) is not None],
+                 GraphRewriteError, "cannot apply the adapter to this graph:")
+        merges[0] = inplace.EPOCH[0]
+
+    def run(*args: Any) -> Any:
+        if (no_backward or replaced or repacked) and torch.is_grad_enabled() and any(p.requires_grad for p in extra):
+            if no_backward:
+                _refuse_training(no_backward)
+            _refuse_training_repacked(repacked)
+            _refuse_training_replaced([key for key, ref in replaced if resolve((ref,), args)[0].requires_grad])
+        with state.lock:
+            if merges[0] != inplace.EPOCH[0]:
+                refuse_merged(args)
+            pairs = binder.pairs(args) if binder is not None else ()
+            table = tables.get(pairs)
+            if table is None:
+                table = tables[pairs] = bound_table(state, tables[()], extra, derived, done.added, pairs, args)
+                seen.update(y for _, y in pairs)
+            stale = table.seen[0] != state.generation
+            now = stamp([t for d, refs in table.watched for t in (*resolve(refs, args), *d.also)]) \
+                if quick and table.watched else None
+            if not quick or stale or now != table.checked[0] or table.checked[1] != state.changes:
+                state.check([(d, resolve(refs, args)) for d, refs in (table.derived if stale else table.watched)])
+                table.checked = [now, state.changes]
+            if stale or table.seen[1] != state.changes:
+                table.rebuild()
+                table.seen = [state.generation, state.changes]
+            if device is not None and state.device != device:  # the model moved back and forth
+                state.place(device)
+            if done.batch is not None and state.selection is not None:
+                _check_batch(done.batch, args, state.selection.count)
+            tensors = table.tensors(args)
+            if eager is not None and any_pending():  # a module runs eagerly around this graph (its forward compiled)
+                computed_by_graph(eager.modules(table.modules))
+            if dropped:
+                args = [a for i, a in enumerate(args) if i not in dropped]
+            return compiled(*args, *tensors)
+
+    return run
+
+
+def _refuse_training(fqns: Sequence[str]) -> None:
+    raise GraphRewriteError(
+        [f"{fqn}: its quantized kernel was traced for an input that needs no gradient (the model is frozen), "
+         "so the compiled graph has no backward through it" for fqn in fqns],
+        header="cannot train through this graph: the gradients of A / B before these modules would be wrong. "
+               "Call model.enable_input_require_grads() before the first compiled call (as PEFT's "
+               "prepare_model_for_kbit_training does), or run inference under torch.no_grad():")
+
+
+def _refuse_training_replaced(paths: Sequence[str]) -> None:
+    raise_if([f"{path}: the adapter's tensor (modules_to_save, or a saved bias) replaces this parameter in the "
+              "graph, and lora_fx trains only A and B, so neither it nor the model's own parameter would learn "
+              "(PEFT trains its copy)" for path in paths], GraphRewriteError,
+             "cannot train through this graph: freeze these parameters (requires_grad_(False)) to train A and B "
+             "alone, or train this adapter with PEFT:")
+
+
+def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:
+    size = batch if isinstance(batch, int) else args[batch[1]].shape[0] if batch[0] == "shape" else args[batch[1]]
+    if size % rows:
+        raise SwapError(f"mixed batch: expected a batch of a multiple of the {rows} selected rows "
+                        f"(one name per row; beams repeat it), found {size} rows; call select() with one "
+                        "name per row of this batch")

@@ -1,0 +1,131 @@
+"""A and B: made from the adapters, written by swaps, trained, read back; on the model's device.
+
+After the backend is built, A and B *are* the adapter: training and ``swap`` write them, settings
+never do. ``trained_adapters`` and ``live_weights`` read them back per adapter (summed adapters sit
+side by side along the rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from .adapter import Adapter, LoraWeights, regrouped
+from .distributed import _copy_full, _full
+from .errors import AdapterConfigError, SwapError, raise_if
+from .tensors import (
+    padded_ab,
+)
+
+
+class Weights:
+    """``LoraState``'s A and B (a mixin: the state's own attributes)."""
+
+    def _initial_ab(self, fqn: str, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of ``slots`` as the adapters hold them (stacked behind a zero slot when mixed)."""
+        spec, rank = self.layout.specs[fqn], self.layout.rank
+        pairs = [padded_ab(self.adapters.weights(k, fqn), rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)
+                 for k in slots]
+        if not self.mixed:
+            return pairs[0]
+        zero = tuple(torch.zeros_like(t) for t in pairs[0])
+        a, b = (torch.stack([zero[i]] + [p[i] for p in pairs]) for i in (0, 1))
+        return (a.reshape(-1, rank) if spec.embedding else a), b  # embeddings: ((N + 1) * vocab, R)
+
+    def _write_ab(self, slots: Sequence[int]) -> None:
+        """Copy the adapters' A and B of ``slots`` into the parameters (a swap; never a settings change)."""
+        for fqn, t in self.trainable.items():
+            a, b = self._initial_ab(fqn, slots if self.mixed else [0])
+            if not self.mixed:
+                _copy_full(t["lora_a"], a)
+                _copy_full(t["lora_b"], b)
+                continue
+            spec = self.layout.specs[fqn]
+            for i, k in enumerate(slots):
+                if spec.embedding:
+                    vocab = spec.shape[1]
+                    t["lora_a"][(k + 1) * vocab:(k + 2) * vocab].copy_(a[(i + 1) * vocab:(i + 2) * vocab])
+                else:
+                    t["lora_a"][k + 1].copy_(a[i + 1])
+                t["lora_b"][k + 1].copy_(b[i + 1])
+
+    def place(self, device: torch.device) -> None:
+        """Keep A, B and the selection on the model's device (the parameters stay the same objects)."""
+        if self.device == device:
+            return
+        with torch.inference_mode(False):  # never inference tensors (see refresh)
+            self._place(device)
+
+    def _place(self, device: torch.device) -> None:
+        for t in ({} if self.attached else self._own).values():  # attached: the model moves them
+            for p in t.values():
+                p.data = p.data.to(device)
+        if self.selection is not None:
+            self.selection.to(device)
+        self.device = device
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Branch mode's A and B, module by module; asking for them turns their gradients on.
+
+        A grouped conv's B is held dense (block-diagonal); its gradient is masked to the blocks, so
+        training keeps it grouped, as PEFT's grouped lora_B is."""
+        refused = [f"{a.name or 'adapter'}: {a.config.inference_only}" for slot in self.adapters.slots for a in slot
+                   if a.config.inference_only]
+        raise_if(refused, AdapterConfigError, "cannot train these adapters: their eval forward is LoRA, their "
+                 "training is not; lora_fx applies them for inference only:")
+        params = [p for t in self.trainable.values() for p in t.values()]
+        for p in params:
+            p.requires_grad_(True)
+        for fqn, t in self.trainable.items():
+            b = t["lora_b"]
+            if self.layout.specs[fqn].groups > 1 and not getattr(b, "_lora_fx_masked", False):
+                b.register_hook(lambda grad, fqn=fqn: grad * self._b_blocks(fqn).to(grad))
+                b._lora_fx_masked = True
+        return params
+
+    def _b_blocks(self, fqn: str) -> torch.Tensor:
+        """1 where a grouped conv's dense B may be non-zero (the blocks of the slot's adapters), else 0."""
+        ws = [dataclasses.replace(w, lora_b=torch.ones_like(w.lora_b)) for w in self.adapters.weights(0, fqn)]
+        spec = self.layout.specs[fqn]
+        return padded_ab(ws, self.layout.rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)[1]
+
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor lora_fx holds besides the model's own (A / B and the derived tensors)."""
+        return [p for t in self.trainable.values() for p in t.values()] + [
+            t for d in self.derived.values() for t in d.tensors.values()]
+
+    def trained_adapters(self) -> list[Adapter]:
+        """The slot's adapters with A and B read back from the (trained) parameters."""
+        if self.mode != "branch" or self.mixed:
+            raise SwapError("trained_adapter: expected a branch-mode backend with one adapter set")
+        out, offsets = [], dict.fromkeys(self.trainable, 0)
+        for adapter in self.adapters.slots[0]:
+            mods = {}
+            for fqn, w in adapter.modules.items():
+                t, at = self.trainable[fqn], offsets[fqn]
+                full_a, full_b = _full(t["lora_a"]), _full(t["lora_b"])
+                a = full_a.T if w.embedding else full_a
+                b = regrouped(full_b[:, at:at + w.rank], w.groups)
+                mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
+                                                lora_b=b.detach().cpu().clone())
+                offsets[fqn] = at + w.rank
+            out.append(dataclasses.replace(adapter, modules=mods))
+        return out
+
+    def live_weights(self, fqn: str, module: torch.nn.Module) -> list[LoraWeights]:
+        """The LoRA of module ``fqn`` as the compiled graphs apply it now, for an eager call of
+        ``module`` (see :mod:`lora_fx.eager`): each summed adapter's weights with the current A / B
+        (branch mode: trained, differentiable), scales times the multiplier, on the module's device."""
+        device = next((t.device for t in module.parameters(recurse=False)), None)
+        ws = [w.to(device) for w in self.adapters.weights(0, fqn)]
+        if self.mode == "branch":
+            t, at, live = self.trainable[fqn], 0, []
+            for w in ws:
+                a = t["lora_a"].T if w.embedding else t["lora_a"]
+                live.append(dataclasses.replace(w, lora_a=a[at:at + w.rank].to(device),
+                                                lora_b=regrouped(t["lora_b"][:, at:at + w.rank], w.groups).to(device)))
+                at += w.rank
+            ws = live
+        return [w.scaled(self._multiplier) for w in ws]
