@@ -16,6 +16,7 @@ from .errors import (
 )
 from .loading import init_adapter, load_adapter
 from .package import LoraPackage, export, load_package
+from .peft_model import PeftAdapters, from_peft
 from .reference import apply_lora, lora_forward, merged_state_dict
 from .rewrite import RewriteConfig, RewriteReport, rewrite
 
@@ -30,6 +31,7 @@ __all__ = [
     "LoraPackage",
     "LoraWeights",
     "ModelMismatchError",
+    "PeftAdapters",
     "RecompileLimitError",
     "RewriteConfig",
     "RewriteReport",
@@ -38,6 +40,7 @@ __all__ = [
     "apply_lora",
     "backend",
     "export",
+    "from_peft",
     "init_adapter",
     "load_adapter",
     "load_diffusers_lora",

@@ -33,6 +33,7 @@ from .dynamo import (
 from .eager import EagerGuard
 from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
 from .inputs import DynamoInputs
+from .peft_model import peft_layers
 from .rewrite import MODES, RewriteReport, rewrite_graph
 from .slots import Adapters
 from .state import LoraState
@@ -134,6 +135,7 @@ class LoraBackend:
         return model
 
     def _check_model(self, model: torch.nn.Module) -> None:
+        _refuse_peft_layers(peft_layers(model))
         names = g.named(model.named_modules())
         raise_if([f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none; "
                   "the model has no module of that name" for fqn in self.state.layout.specs if fqn not in names],
@@ -149,6 +151,7 @@ class LoraBackend:
         register_frame()
         gm = copy_dynamo_graph(gm)
         inputs = DynamoInputs(gm, example_inputs)
+        _refuse_peft_layers(sorted({p.rpartition(".lora_")[0] for p in inputs.paths.values() if ".lora_A." in p}))
         model = self.model or find_model(list(self.state.layout.specs))
         if model is not None and self.model is None:
             self._check_model(model)
@@ -287,6 +290,16 @@ def _drop_replaced_subclass_inputs(gm: fx.GraphModule, example_inputs: Sequence[
     if dropped:
         gm.recompile()
     return dropped
+
+
+def _refuse_peft_layers(names: Sequence[str]) -> None:
+    """A model (or graph) still holding PEFT / diffusers LoRA layers: a lora_fx backend would
+    apply its adapter on top of theirs, or rewrite none of its targets (their ops are PEFT's)."""
+    raise_if([f"{n}: a PEFT LoRA layer (base_layer + lora_A / lora_B) is still in the model" for n in names[:8]]
+             + ([f"... and {len(names) - 8} more"] if len(names) > 8 else []), GraphRewriteError,
+             "cannot apply a lora_fx adapter to a model that PEFT still adapts: take its adapters and the bare model "
+             "with `model, adapters = lora_fx.from_peft(peft_model)` and compile that model, or remove PEFT's layers "
+             "first (peft_model.unload(); diffusers: pipe.unload_lora_weights()):")
 
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",

@@ -1,0 +1,85 @@
+"""Where users arrive from: a PeftModel in hand (``from_peft``), and a model that PEFT still adapts
+met by a lora_fx backend (never a silent no-op). PEFT is the oracle. (transformers 5.24's
+``model.load_adapter`` needs PEFT >= 0.22; with the PEFT pinned here it cannot run.)"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from cases import example_ids, logits, perturb, tiny_model
+
+import lora_fx
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def two_adapter_peft_model():
+    """A PeftModel with adapters "a" (LoRA on q / v) and "b" (DoRA on q / v / down_proj), "a" active."""
+    base = tiny_model("llama")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        use_dora=True, init_lora_weights=False))
+    perturb(pm, 3)
+    pm.set_adapter("a")
+    return pm.eval()
+
+
+@pytest.mark.parametrize("mode", ["branch", "fold"])
+def test_from_peft_gives_the_base_model_and_every_adapter(mode):
+    pm = two_adapter_peft_model()
+    ids = example_ids()
+    with torch.no_grad():
+        want_a = logits(pm, ids)
+        pm.set_adapter("b")
+        want_b = logits(pm, ids)
+        pm.set_adapter("a")
+    base_weights = {n.replace(".base_layer", ""): p.detach().clone()
+                    for n, p in pm.get_base_model().named_parameters() if "lora_" not in n}
+    model, adapters = lora_fx.from_peft(pm)
+    assert sorted(adapters) == ["a", "b"] and adapters.active == ["a"]
+    assert adapters["b"].is_dora and not adapters["a"].is_dora
+    assert lora_fx.peft_model.peft_layers(model) == []
+    now = dict(model.named_parameters())
+    assert now.keys() == base_weights.keys()
+    assert all(torch.equal(now[n], w) for n, w in base_weights.items()), "unloaded, not merged"
+    be = lora_fx.backend(adapters["a"], mode=mode, inner="aot_eager", reserve=[adapters["b"]])
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        assert (want_a - want_b).abs().max() > 1e-2
+        with be.disabled():
+            assert (want_a - logits(model, ids)).abs().max() > 1e-2
+        torch.testing.assert_close(logits(compiled, ids), want_a, **TOL)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            be.swap(adapters["b"])  # PEFT's set_adapter("b")
+            torch.testing.assert_close(logits(compiled, ids), want_b, **TOL)
+
+
+def test_from_peft_takes_the_scale_peft_runs_at():
+    pm = two_adapter_peft_model()
+    for m in pm.modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.scale_layer(0.5)
+    ids = example_ids()
+    with torch.no_grad():
+        want = logits(pm, ids)
+    model, adapters = lora_fx.from_peft(pm)
+    assert adapters["a"].multiplier == pytest.approx(0.5)
+    with torch.no_grad():
+        got = logits(torch.compile(model, backend=lora_fx.backend(adapters["a"], inner="aot_eager")), ids)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_backend_meeting_a_model_peft_still_adapts_is_an_error():
+    """Compiling the PeftModel itself (or its base model, PEFT's layers still in) with a lora_fx
+    backend: an error that says what to do, not a report of 0 ops and PEFT's output."""
+    pm = two_adapter_peft_model()
+    other = lora_fx.init_adapter(tiny_model("llama"), lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    for target in (pm, pm.get_base_model()):
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(target), backend=lora_fx.backend(other, inner="aot_eager"))
+        with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match=r"PEFT still adapts(.|\n)*from_peft"):
+            logits(compiled, example_ids())
