@@ -73,6 +73,9 @@ class InPlaceFold:
         m = self._multiplier
         ws = self.adapters.weights(0, d.key) if m else []
         if "bias" in d.tensors:
+            from .state import _follow_weight
+
+            _follow_weight(d, weight)
             d.tensors["bias"].zero_()
         if not ws:
             return

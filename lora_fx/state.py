@@ -117,6 +117,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
             self.derived[key] = d
             if not self.inplace:  # in place: merged at the first call, never in the middle of a compile
                 self.refresh(d, (weight, bias))
+        elif self.inplace and _follow_weight(d, weight):  # the model moved (restore, .to, enable): merged at the call
+            d.generation = -1
         if self.mode == "fold":
             return d.tensors, d
         self.place(weight.device)
@@ -238,6 +240,17 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         ranks = "+".join(str(w.rank) for w in ws) or "0"
         mode = "mixed-batch branch" if self.mixed else self.mode
         return f"{mode} {kind} r={ranks} {variant}" + (" +bias" if spec.lora_bias else "")
+
+
+def _follow_weight(d: Derived, weight: torch.Tensor) -> bool:
+    """In place, one set serves a module whatever its weight's placement: the lora_bias it holds for
+    a module without a bias (lora_fx's zeros, then the merged bias) follows the weight's dtype and
+    device. Returns whether it moved."""
+    t = d.tensors.get("bias")
+    if t is None or (t.dtype, t.device) == (weight.dtype, weight.device):
+        return False
+    d.tensors["bias"] = torch.zeros(t.shape, dtype=weight.dtype, device=weight.device)
+    return True
 
 
 def resolve(refs: Sequence[Any], args: Sequence[Any]) -> tuple:
