@@ -60,11 +60,15 @@ class InPlaceFold:
     """``LoraState``'s in-place fold: merge into the model's weights, put them back, notice changes
     lora_fx did not make (a mixin: the state's own attributes)."""
 
+    def _substituted_ids(self) -> set[int]:
+        """The tensors lora_fx substitutes for the model's (its own; see ``_refresh_in_place``)."""
+        return {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+
     def _refresh_in_place(self, d: Derived) -> None:
         weight, bias = d.base
         # the model's tensors are saved and put back; a substituted tensor (lora_fx's own: a saved bias
         # or embedding) is recomputed by its own set first, before this one merges into it
-        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        owned = self._substituted_ids()
         model_own = [None if t is None or id(t) in owned else t for t in d.base]
         if d.merged:
             self.originals.restore(d.key, model_own)
@@ -90,7 +94,7 @@ class InPlaceFold:
 
     def _holds_merge(self, d: Derived) -> bool:
         """Whether ``d``'s weights still hold exactly the merge lora_fx wrote."""
-        owned = {id(t) for o in self.derived.values() if o.kind == "override" for t in o.tensors.values()}
+        owned = self._substituted_ids()
         if any(t is not None and id(t) in owned for t in d.base):
             return True  # merged into a tensor of lora_fx's own (see _refresh_in_place): nothing else writes it
         originals = [None if t is None else torch.empty_like(t) for t in d.base]
