@@ -17,6 +17,9 @@ With a local model and adapters:
 through transformers' BitsAndBytesConfig as QLoRA users do) or int8 (torchao weight-only) first;
 the adapter then runs in branch mode over the quantized weights (fold needs dense weights), and
 the demo trains it through the quantized base (QLoRA).
+
+Each graph lora_fx compiles is logged on stderr as it is compiled (mode, modules, seconds);
+``LORA_FX_LOGS=0`` silences it, ``LORA_FX_LOGS=debug`` adds each graph's modules.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None,
 
     config = lora_fx.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     adapter = lora_fx.init_adapter(model, config, seed=0, name="robot")
-    status(f"adapter: {len(adapter.modules)} modules, r=8; compiling branch mode for training")
+    status(f"adapter: {len(adapter.modules)} modules, r=8; compiling branch mode for training "
+           "(first call, about 5 s)")
     be = lora_fx.backend(adapter, mode="branch", inner="aot_eager")
     trainee = compiled_copy(model, be)
     train(trainee, be.parameters(), lora_ids, lora_steps, 1e-2, "LoRA (lora_fx branch mode)")
@@ -166,18 +170,22 @@ def demo(base_steps: int, lora_steps: int, new_tokens: int, out_dir: str | None,
     adapter = lora_fx.load_adapter(out_dir)
 
     # fold needs dense weights: over a quantized base both columns come from branch mode
-    status(f"compiling {'branch mode' if quantize else 'fold and branch modes'} ({inner})")
+    # 2 CPU cores, Inductor: 2-11 s a graph, 8 graphs (each mode: prefill, decode, then dynamic ones)
+    status(f"compiling {'branch mode' if quantize else 'fold and branch modes'} ({inner}) "
+           f"(first call, about {60 if inner == 'inductor' else 20} s)")
     branch = compiled_copy(model, lora_fx.backend(adapter, mode="branch", inner=inner))
     fold = branch if quantize else compiled_copy(model, lora_fx.backend(adapter, mode="fold", inner=inner))
     shown = f"with the adapter ({'branch' if quantize else 'fold'})"
-    print(f"\n{'prompt':<12}| {'base model':<40}| {shown:<40}")
-    print("-" * 96)
+    rows = []  # all generated first: the compile logs come before the table, not inside it
     for prompt in PROMPTS:
         a = generate(model, tok, prompt, new_tokens).replace("\n", " ")
         b = generate(fold, tok, prompt, new_tokens).replace("\n", " ")
         c = generate(branch, tok, prompt, new_tokens)
         assert c.replace("\n", " ") == b, "fold and branch modes must agree"
-        print(f"{prompt!r:<12}| {a:<40}| {b:<40}")
+        rows.append(f"{prompt!r:<12}| {a:<40}| {b:<40}")
+    print(f"\n{'prompt':<12}| {'base model':<40}| {shown:<40}")
+    print("-" * 96)
+    print("\n".join(rows), flush=True)
 
     status("timing generation (tokens/s, greedy, batch 1)")
     with lora_fx.apply_lora(model, adapter):
@@ -201,7 +209,8 @@ def run_local(args: argparse.Namespace) -> None:
     adapters = [lora_fx.load_adapter(d, scale=s) for d, s in zip(args.adapter, scales)]
     for a in adapters:
         a.check(model)
-    status(f"compiling ({args.mode} mode, {len(adapters)} adapter(s))")
+    status(f"compiling ({args.mode} mode, {len(adapters)} adapter(s)): prefill and decode graphs "
+           "(first call, about 20 s a graph with Inductor on CPU, more for large models)")
     model.forward = torch.compile(model.forward, backend=lora_fx.backend(adapters, mode=args.mode))
     ids = tok(args.prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -229,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantize", choices=["nf4", "int8"], help="quantize the base model (branch mode over it)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "LORA_FX_LOGS" not in os.environ:  # the user's setting wins
+        lora_fx.set_logs("info")  # one line per graph as it is compiled: compiling is the slow part
     # Each model object compiled here adds dynamo cache entries to the same forward code (prefill,
     # decode, dynamic decode): past the default limit of 8 dynamo would quietly run eager code.
     torch._dynamo.config.recompile_limit = 64

@@ -15,6 +15,7 @@ from .errors import (
     SwapError,
 )
 from .loading import init_adapter, load_adapter
+from .logs import set_logs
 from .package import LoraPackage, export, load_package
 from .peft_model import PeftAdapters, from_peft
 from .reference import apply_lora, lora_forward, merged_state_dict
@@ -48,5 +49,6 @@ __all__ = [
     "lora_forward",
     "merged_state_dict",
     "rewrite",
+    "set_logs",
 ]
 __version__ = "0.1.0"

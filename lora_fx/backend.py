@@ -33,6 +33,7 @@ from .dynamo import (
 from .eager import EagerGuard
 from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
 from .inputs import DynamoInputs
+from .logs import clock, log_compile
 from .peft_model import peft_layers
 from .rewrite import MODES, RewriteReport, rewrite_graph
 from .slots import Adapters
@@ -148,6 +149,7 @@ class LoraBackend:
             raise through_dynamo(e).with_traceback(e.__traceback__) from e.__cause__
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        start = clock()
         register_frame()
         gm = copy_dynamo_graph(gm)
         inputs = DynamoInputs(gm, example_inputs)
@@ -167,7 +169,9 @@ class LoraBackend:
         trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
         dropped = _drop_replaced_subclass_inputs(gm, example_inputs, read)
         kept = [x for i, x in enumerate(example_inputs) if i not in dropped]
+        inner_start = clock()
         compiled = self.inner(gm, [*kept, *static_fakes(extra, trainable)])
+        log_compile(gm, done.report, len(self.reports), inner_start - start, clock() - inner_start)
         if done.owned and model is not None:
             if self._owners is None or self._owners.model is not model:
                 self._owners = Owners(model, state)

@@ -18,6 +18,7 @@ from . import targets
 from .adapter import model_problems
 from .errors import LoraFxError
 from .loading import load_adapter
+from .logs import set_logs
 from .quantized import module_format
 from .reference import merged_state_dict
 
@@ -131,6 +132,7 @@ def bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lora-fx", description="LoRA adapters inside torch.compile")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no log line per compiled graph (LORA_FX_LOGS, if set, wins)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="summarise an adapter (and how it fits a model)")
     s.add_argument("adapter")
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=bench)
     args = p.parse_args(argv)
+    if not args.quiet and "LORA_FX_LOGS" not in os.environ:
+        set_logs("info")  # compiling is the slow part: one line per graph as it is compiled
     try:
         return args.func(args)
     except (LoraFxError, OSError, ValueError, KeyError) as e:
