@@ -3,7 +3,7 @@
 from .adapter import Adapter, LoraWeights
 from .backend import LoraBackend, backend
 from .config import LoraConfig
-from .diffusers import load_diffusers_lora
+from .diffusers import PipelineLora, load_diffusers_lora
 from .errors import (
     AdapterConfigError,
     AdapterWeightsError,
@@ -18,6 +18,7 @@ from .loading import init_adapter, load_adapter
 from .logs import set_logs
 from .package import LoraPackage, export, load_package
 from .peft_model import PeftAdapters, from_peft
+from .pipeline import LoraPipeline, compile_pipeline
 from .reference import apply_lora, lora_forward, merged_state_dict
 from .rewrite import RewriteConfig, RewriteReport, rewrite
 
@@ -30,9 +31,11 @@ __all__ = [
     "LoraConfig",
     "LoraFxError",
     "LoraPackage",
+    "LoraPipeline",
     "LoraWeights",
     "ModelMismatchError",
     "PeftAdapters",
+    "PipelineLora",
     "RecompileLimitError",
     "RewriteConfig",
     "RewriteReport",
@@ -40,6 +43,7 @@ __all__ = [
     "SwapError",
     "apply_lora",
     "backend",
+    "compile_pipeline",
     "export",
     "from_peft",
     "init_adapter",

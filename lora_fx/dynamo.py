@@ -145,12 +145,15 @@ def register_frame() -> None:
 def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
     """The model the adapter names, from the Python stack of the frame being compiled: the module
     (``self`` of a caller, or a compiled wrapper's ``_orig_mod``) whose module names cover most of
-    ``fqns``. Dynamo compiles a frame when it is entered, so its callers are on the stack."""
-    best, best_count = None, 0
+    ``fqns``. Dynamo compiles a frame when it is entered, so its callers are on the stack. When no
+    module holds any of them, the module ``torch.compile`` wrapped (so that the caller can say the
+    model lacks them), else None."""
+    best, best_count, wrapped = None, 0, None
     frame = sys._getframe(1)
     seen: set[int] = set()
     while frame is not None:
         obj = frame.f_locals.get("self")
+        wrapped = wrapped or getattr(obj, "_orig_mod", None)
         for m in (obj, getattr(obj, "_orig_mod", None)):
             if isinstance(m, torch.nn.Module) and id(m) not in seen:
                 seen.add(id(m))
@@ -159,4 +162,4 @@ def find_model(fqns: Sequence[str]) -> torch.nn.Module | None:
                 if count > best_count or (count == best_count and count and best is None):
                     best, best_count = m, count
         frame = frame.f_back
-    return best
+    return best if best is not None else wrapped if isinstance(wrapped, torch.nn.Module) else None

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .diffusers import refuse_call_scale
 from .errors import GraphRewriteError
 from .targets import module_kind
 
@@ -132,6 +133,7 @@ class EagerGuard:
         for h in self.handles:
             h.remove()
         self.model, self.handles = model, []
+        refuse_call_scale(model)
         overridden = {path.rpartition(".")[0] for path in self.state.layout.overrides}
         for fqn, spec in self.state.layout.specs.items():
             mod = modules.get(fqn)

@@ -185,9 +185,11 @@ def merged_state_dict(model: torch.nn.Module, adapters: Adapter | Sequence[Adapt
               "tensor for them, so the update would reach every module that reads it, or be lost when the "
               "model ties them again on loading" for k in changed if k in tied], ModelMismatchError,
              "cannot merge into tied weights (serve with lora_fx.backend, or untie them first):")
+    mods = dict(model.named_modules())
+    raise_if([f"{fqn}: expected a module of that name in the model, found none" for fqn in
+              combined_modules(adapters) if fqn not in mods], ModelMismatchError, "cannot merge the adapter:")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sd.update({k: v.to(sd[k].dtype) for k, v in combined_overrides(adapters).items() if k in sd})
-    mods = dict(model.named_modules())
     for fqn, ws in combined_modules(adapters).items():
         mod = mods[fqn]
         kind = "param" if ws[0].param is not None else module_kind(mod)
