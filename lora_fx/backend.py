@@ -23,6 +23,7 @@ from . import graph as g
 from .adapter import Adapter
 from .binding import Binder, Owners
 from .call import _repackable_modules, bind
+from .checks import model_problems
 from .dynamo import (
     copy_dynamo_graph,
     find_model,
@@ -31,7 +32,7 @@ from .dynamo import (
     watch_recompile_limit,
 )
 from .eager import EagerGuard
-from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if, through_dynamo
+from .errors import GraphRewriteError, LoraFxError, ModelMismatchError, SwapError, raise_if, through_dynamo
 from .inputs import DynamoInputs
 from .logs import clock, log_compile
 from .peft_model import peft_layers
@@ -128,12 +129,27 @@ class LoraBackend:
                 fold mode, mixed batches, DoRA or a grouped conv (see ``LoraState.attach``).
         """
         self.model = model
-        self._check_model(model)
+        self.check(model)
         if self.state.mode == "branch":
             with self.lock:
                 self.state.attach(model, g.named(model.named_modules()))
         self.eager.install(model, g.named(model.named_modules()))
         return model
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Check the adapters against ``model`` before compiling (``attach`` does it too): PEFT
+        layers still in place, modules the model lacks, unsupported layer types, shapes, patterns
+        that match nothing; every problem of every active adapter in one error, raised here rather
+        than at the first compiled call.
+
+        Raises:
+            GraphRewriteError: PEFT / diffusers LoRA layers in the model, or a module it lacks.
+            ModelMismatchError: the adapters' other problems with the model.
+        """
+        self._check_model(model)
+        problems = [f"{a.name or 'adapter'}: {p}" for slot in self.state.adapters.slots for a in slot
+                    for p in model_problems(a, model)]
+        raise_if(problems, ModelMismatchError, "the adapter does not fit the model:")
 
     def _check_model(self, model: torch.nn.Module) -> None:
         _refuse_peft_layers(peft_layers(model))

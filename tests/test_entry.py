@@ -83,3 +83,45 @@ def test_a_backend_meeting_a_model_peft_still_adapts_is_an_error():
         compiled = torch.compile(copy.deepcopy(target), backend=lora_fx.backend(other, inner="aot_eager"))
         with torch.no_grad(), pytest.raises(lora_fx.GraphRewriteError, match=r"PEFT still adapts(.|\n)*from_peft"):
             logits(compiled, example_ids())
+
+
+
+def peft_adapter(model: torch.nn.Module) -> lora_fx.Adapter:
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+    return lora_fx.from_peft(pm)[1]["default"]
+
+
+def test_check_lists_every_problem_before_compiling():
+    """``be.check(model)`` (and ``attach``) raise the adapter's problems with the model as a
+    LoraFxError of its own, before any compile: every module with a wrong shape, every module the
+    model lacks."""
+    import dataclasses
+
+    model = tiny_model("llama")
+    good = peft_adapter(model)
+    wrong = copy.copy(good)
+    wrong.modules = dict(good.modules)
+    bad = sorted(wrong.modules)[:2]
+    for fqn in bad:
+        w = wrong.modules[fqn]
+        wrong.modules[fqn] = dataclasses.replace(w, lora_a=torch.zeros(w.lora_a.shape[0], w.lora_a.shape[1] + 1))
+    be = lora_fx.backend(wrong, inner="aot_eager")
+    with pytest.raises(lora_fx.ModelMismatchError, match="(?s)" + ".*".join(bad)):
+        be.check(model)
+    with pytest.raises(lora_fx.ModelMismatchError):
+        be.attach(model)
+    lora_fx.backend(good, inner="aot_eager").check(model)
+    with pytest.raises(lora_fx.GraphRewriteError, match="layers.1.self_attn.q_proj.*no module of that name"):
+        lora_fx.backend(good, inner="aot_eager").check(tiny_model("llama", layers=1))
+
+
+def test_a_model_without_any_targeted_module_is_named_at_the_first_call():
+    """An adapter whose module names the compiled model lacks entirely (another prefix) is an
+    error naming them, not a graph that silently rewrites nothing."""
+    model = tiny_model("llama")
+    adapter = copy.copy(peft_adapter(model))
+    adapter.modules = {f"base_model.model.{k}": v for k, v in adapter.modules.items()}
+    compiled = torch.compile(model, backend=lora_fx.backend(adapter, inner="aot_eager"))
+    with pytest.raises(lora_fx.GraphRewriteError, match="base_model.model.model.layers.0.self_attn.q_proj"):
+        compiled(example_ids())
