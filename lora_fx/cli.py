@@ -17,7 +17,7 @@ import torch
 from . import targets
 from .adapter import model_problems
 from .errors import LoraFxError
-from .loading import load_adapter
+from .loading import load_adapter, resolve_path
 from .logs import set_logs
 from .quantized import module_format
 from .reference import merged_state_dict
@@ -37,8 +37,7 @@ def _fmt_bytes(n: int) -> str:
 def _load_model(directory: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if not os.path.isdir(directory):
-        raise LoraFxError(f"{directory}: expected a transformers model directory, found no such directory")
+    directory = resolve_path(directory, what="transformers model", error=LoraFxError, hub=False)
     config = AutoConfig.from_pretrained(directory)
     arch = (getattr(config, "architectures", None) or [""])[0]
     loader = AutoModelForCausalLM if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") else AutoModel

@@ -17,7 +17,7 @@ from . import targets
 from .adapter import HALF as HALF
 from .adapter import PREFIX, Adapter, LoraWeights, adapter_dtype
 from .config import TRAINING_STATE_KEYS, LoraConfig
-from .errors import AdapterConfigError, AdapterWeightsError, raise_if
+from .errors import AdapterConfigError, AdapterWeightsError, LoraFxError, raise_if
 from .init import init_adapter as init_adapter
 from .init import random_adapter as random_adapter
 
@@ -33,25 +33,49 @@ _ROLES = {
     ".lora_embedding_B": "emb_b",
 }
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 
 
-def resolve_path(path: str | os.PathLike) -> str:
-    """A local adapter directory, or a Hugging Face repo id found in the local cache (no network)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
+def resolve_path(path: str | os.PathLike, *, what: str = "PEFT adapter",
+                 error: type[LoraFxError] = AdapterConfigError, hub: bool = True) -> str:
+    """A local directory, or (``hub``) a Hugging Face repo id found in the local cache (no network).
+
+    ``owner/name`` is both a relative path and a repo id: a local directory wins, then the hub
+    cache; when neither has it, the error says both places were looked in if ``owner`` is a local
+    directory (a path typo, most likely), else how to download the repo. A path spelled as one
+    (./x, ../x, /x, ~/x, more than one separator) is never taken for a repo id.
+
+    Raises:
+        ``error``: naming the path, what was looked for and where.
+    """
+    given = os.fspath(path)
+    local = os.path.expanduser(given)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(local):
+        raise error(f"{given}: expected a {what} directory, found a file")
+    if hub and is_hub_id(given):
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(path, local_files_only=True)
+            return snapshot_download(given, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means: not in the local cache
-            raise AdapterConfigError(
-                f"{path}: expected a local adapter directory or a hub repo id in the local cache, found "
+            if os.path.isdir(given.split("/")[0]):
+                raise error(f"no such directory: {given} (expected a {what} directory; not found locally at "
+                            f"{os.path.abspath(given)}, nor in the hub cache as repo id {given}); check the path"
+                            ) from None
+            raise error(
+                f"{given}: expected a local {what} directory or a hub repo id in the local cache, found "
                 f"neither ({type(e).__name__}); download it on a connected machine with "
-                f"`huggingface-cli download {path}` (cache: $HF_HOME) or pass the directory"
+                f"`huggingface-cli download {given}` (cache: $HF_HOME) or pass the directory"
             ) from None
-    raise AdapterConfigError(f"{path}: expected a PEFT adapter directory, found no such directory")
+    raise error(f"no such directory: {given} (expected a {what} directory"
+                + (", or a hub repo id of the form owner/name in the local cache)" if hub else ")"))
+
+
+def is_hub_id(path: str) -> bool:
+    """``owner/name`` as the hub spells repo ids, not a path spelled as one (./x, ../x)."""
+    return bool(HUB_ID.fullmatch(path)) and not path.startswith(".")
 
 
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:

@@ -120,3 +120,19 @@ def test_inspect_reports_the_base_models_quantization(tmp_path):
     assert "model.layers.0.self_attn.q_proj  [bitsandbytes nf4 (Params4bit)]" in r.stdout
     r = lora_fx_cli("inspect", str(tmp_path / "ad"), "--model", str(dense))
     assert "base weights: dense torch.float32: 16 modules" in r.stdout and "quantized" not in r.stdout
+
+
+def test_a_path_typo_is_no_such_directory_not_a_hub_download(model_and_adapter):
+    d, _ = model_and_adapter
+    r = lora_fx_cli("inspect", "./nope")  # spelled as a path: never a repo id
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("lora-fx: error: no such directory: ./nope") and "huggingface-cli" not in r.stderr
+    r = lora_fx_cli("inspect", "tests/nope")  # owner/name, and tests/ is a local directory: both places named
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("lora-fx: error: no such directory: tests/nope")
+    assert f"not found locally at {os.path.join(ROOT, 'tests', 'nope')}, nor in the hub cache as repo id tests/nope" \
+        in r.stderr
+    r = lora_fx_cli("merge", "--model", "tests/nope", "--adapter", str(d / "adapter"), "--out", str(d / "x"))
+    assert r.returncode == 2 and "lora-fx: error: no such directory: tests/nope" in r.stderr, r.stderr
+    r = lora_fx_cli("inspect", os.path.join(ROOT, "README.md"))
+    assert r.returncode == 2 and "README.md: expected a PEFT adapter directory, found a file" in r.stderr
