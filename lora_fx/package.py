@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .adapter import Adapter, as_adapters
-from .errors import GraphRewriteError, SwapError, raise_if
+from .errors import GraphRewriteError, LoraFxError, SwapError, raise_if
 from .inputs import HOLDER, _attr_name
 from .rewrite import RewriteConfig, rewrite
 from .slots import AdapterSet, Layout, ModuleSpec
@@ -33,6 +33,11 @@ from .tensors import fold_tensors, padded_ab, rank_scale
 
 META_KEY = "lora_fx"
 BASE_FILE = "extra/lora_fx_base.safetensors"  # fold packages: the targeted modules' own weights
+
+
+class PackageInputError(LoraFxError, ValueError):
+    """A package called with inputs outside the shapes it was exported for (AOTInductor runs them
+    unchecked, with output nobody tested)."""
 
 
 def constant_name(fqn: str, role: str) -> str:
@@ -88,6 +93,7 @@ def export(model: torch.nn.Module, args: tuple, adapters: Adapter | Sequence[Ada
     kinds = {fqn: module_kind(mods[fqn]) for fqn in layout.specs if fqn in mods}
     with torch.no_grad():
         ep = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        inputs = input_bounds(ep)
         ep = rewrite(ep, cfg)
         if mode == "branch":  # AOTInductor inlines the small per-rank scales: fold them into B, scale 1
             for fqn in layout.specs:
@@ -95,7 +101,7 @@ def export(model: torch.nn.Module, args: tuple, adapters: Adapter | Sequence[Ada
                 ep.state_dict[constant_name(fqn, "lora_b")].mul_(_over_ranks(scale, layout.specs[fqn]))
                 scale.fill_(1.0)
     meta = {"mode": mode, "rank": layout.rank, "specs": {f: _spec_json(s) for f, s in layout.specs.items()},
-            "kinds": kinds, "constants": {}}
+            "kinds": kinds, "constants": {}, "inputs": inputs}
     for fqn in layout.specs:
         for role in ("weight", "bias") if mode == "fold" else ("lora_a", "lora_b"):
             name = constant_name(fqn, role)
@@ -120,6 +126,28 @@ def export(model: torch.nn.Module, args: tuple, adapters: Adapter | Sequence[Ada
     return path
 
 
+def input_bounds(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]:
+    """The program's tensor inputs in the order its runner takes them, each with its name and a
+    [min, max] per dim (max None: unbounded), from the export's shapes and range constraints."""
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    out = []
+    for name in ep.graph_signature.user_inputs:
+        val = vals.get(name) if isinstance(name, str) else None
+        if not isinstance(val, torch.Tensor):
+            continue  # a non-tensor input (use_cache=False) is baked into the program
+        dims = []
+        for d in val.shape:
+            if isinstance(d, int):
+                dims.append([d, d])
+                continue
+            r = bound_sympy(d.node.expr, ep.range_constraints)
+            dims.append([int(r.lower), int(r.upper) if r.upper.is_Integer else None])  # not int_oo
+        out.append({"name": name, "dims": dims})
+    return out
+
+
 class LoraPackage:
     """A loaded package: call it like the model; ``swap`` / ``set_scale`` / ``disable`` / ``enable``
     load new constants after checking them against what the package was built for."""
@@ -134,6 +162,8 @@ class LoraPackage:
         self.mode, self.rank, self.kinds = meta["mode"], meta["rank"], meta["kinds"]
         self.layout = Layout({f: _spec_of(s) for f, s in meta["specs"].items()}, meta["rank"], (), frozenset())
         self.constants = meta["constants"]
+        self.inputs: list[dict[str, Any]] | None = meta.get("inputs")  # None: a package without them
+        self.in_spec = torch.utils._pytree.treespec_loads(self.runner.loader.get_call_spec()[0])
         self.base: dict[str, torch.Tensor] = {}
         if self.mode == "fold":
             from safetensors.torch import load
@@ -145,7 +175,33 @@ class LoraPackage:
         _import_output_types(self.runner)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the package; PackageInputError for an input outside the export's shape bounds (a
+        sequence longer than ``lora-fx export --max-seq``), which AOTInductor would run unchecked."""
+        if self.inputs is not None:
+            raise_if(self._input_problems(args, kwargs), PackageInputError,
+                     f"{self.path}: inputs outside the shapes the package was exported for (export it again with "
+                     "wider bounds: dynamic_shapes' Dim max, or lora-fx export --max-seq):")
         return self.runner(*args, **kwargs)
+
+    def _input_problems(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+        """Each tensor input's dims against the export's [min, max], in the runner's input order."""
+        from torch.export._tree_utils import reorder_kwargs
+
+        leaves = torch.utils._pytree.tree_leaves((args, reorder_kwargs(kwargs, self.in_spec)))
+        flat = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if len(flat) != len(self.inputs):
+            return [f"expected {len(self.inputs)} tensor inputs ({', '.join(i['name'] for i in self.inputs)}), "
+                    f"found {len(flat)}"]
+        problems = []
+        for t, want in zip(flat, self.inputs):
+            if t.dim() != len(want["dims"]):
+                problems.append(f"{want['name']}: expected {len(want['dims'])} dims, found shape {tuple(t.shape)}")
+                continue
+            for i, (n, (lo, hi)) in enumerate(zip(t.shape, want["dims"])):
+                if n < lo or (hi is not None and n > hi):
+                    bound = str(lo) if lo == hi else f"{lo}..{'' if hi is None else hi}"
+                    problems.append(f"{want['name']}.shape[{i}]: expected {bound}, found {n}")
+        return problems
 
     def constant_fqns(self) -> list[str]:
         return list(self.runner.get_constant_fqns())

@@ -136,3 +136,23 @@ def test_a_path_typo_is_no_such_directory_not_a_hub_download(model_and_adapter):
     assert r.returncode == 2 and "lora-fx: error: no such directory: tests/nope" in r.stderr, r.stderr
     r = lora_fx_cli("inspect", os.path.join(ROOT, "README.md"))
     assert r.returncode == 2 and "README.md: expected a PEFT adapter directory, found a file" in r.stderr
+
+
+def test_exported_package_refuses_a_sequence_above_max_seq(tmp_path, capsys):
+    from lora_fx.cli import main
+
+    model = tiny_model("llama")
+    model.save_pretrained(str(tmp_path / "model"))
+    lora_fx.init_adapter(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"])).save(tmp_path / "adapter")
+    out = str(tmp_path / "p.pt2")
+    assert main(["export", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--out", out,
+                 "--max-seq", "16"]) == 0
+    assert "sequence length 2..16" in capsys.readouterr().out
+    pkg = lora_fx.load_package(out)
+    got = pkg(input_ids=example_ids(1, 16), use_cache=False)
+    with torch.no_grad():
+        want = model(input_ids=example_ids(1, 16)).logits  # B is zero: the base model's logits
+    torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(lora_fx.LoraFxError, match=r"--max-seq") as e:
+        pkg(input_ids=example_ids(1, 20), use_cache=False)
+    assert e.value.problems == ["input_ids.shape[1]: expected 2..16, found 20"]
