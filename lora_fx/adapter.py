@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checks import conv_problems as conv_problems  # re-exported (its home before checks.py)
-from .checks import model_problems
+from .checks import model_problems, same_base_model
 from .config import LoraConfig
 from .errors import ModelMismatchError, raise_if
 
@@ -204,13 +204,14 @@ class Adapter:
             ModelMismatchError: modules the model lacks, unsupported module types, shape
                 mismatches, override tensors without a parameter, config patterns that match no module.
         Warns:
-            UserWarning: base_model_name_or_path differs from the model's name_or_path.
+            UserWarning: base_model_name_or_path names another model than the model's
+                name_or_path (a local path and a hub id of the same name are one model).
         """
         problems = model_problems(self, model)
         raise_if(problems, ModelMismatchError, f"adapter {self.name or ''} does not fit the model:".replace("  ", " "))
         want = self.config.base_model_name_or_path
         have = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
-        if want and have and want != have:
+        if want and have and not same_base_model(want, have):
             warnings.warn(f"adapter was trained on {want!r}, the model is {have!r}", UserWarning, stacklevel=2)
 
 def as_adapters(adapters: Adapter | Sequence[Adapter]) -> list[Adapter]:

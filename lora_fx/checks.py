@@ -4,6 +4,7 @@ listed at once (``Adapter.check`` raises them; ``lora-fx check`` prints them).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,3 +94,19 @@ def conv_problems(fqn: str, mod: torch.nn.Module, rank: int) -> list[str]:
     if rank % mod.groups:
         p.append(f"{fqn}: rank {rank} with groups={mod.groups}: expected a rank divisible by groups (as PEFT)")
     return p
+
+
+def same_base_model(trained_on: str, loaded_from: str) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` and a model's ``name_or_path`` name one
+    model, as far as the two strings tell: the same local path however spelled (./m, m/, a
+    symlink), or the same model name, which a hub repo id shares with its download (``owner/name``
+    against the hub cache's ``models--owner--name/snapshots/<hash>`` or a ``.../name`` directory)."""
+    real = [os.path.realpath(os.path.expanduser(s)) for s in (trained_on, loaded_from)]
+    return real[0] == real[1] or _model_name(trained_on) == _model_name(loaded_from)
+
+
+def _model_name(name_or_path: str) -> str:
+    """The model's name: a hub repo id's or a directory's last part; a hub cache snapshot's repo name."""
+    parts = os.path.normpath(name_or_path).replace(os.sep, "/").split("/")
+    cached = [p for p in parts if p.startswith("models--")]
+    return (cached[-1].split("--")[-1] if cached else parts[-1]).lower()

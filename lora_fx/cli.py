@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -128,6 +129,20 @@ def bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _one_line(text: str) -> str:
+    """A multi-line message as one line: "header: problem; problem"."""
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else ""
+    return lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:])
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A warning as one line on stderr, without the source line ``warnings`` would print."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"lora-fx: warning: {kind}{_one_line(str(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lora-fx", description="LoRA adapters inside torch.compile")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -158,14 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet and "LORA_FX_LOGS" not in os.environ:
         set_logs("info")  # compiling is the slow part: one line per graph as it is compiled
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except (LoraFxError, OSError, ValueError, KeyError) as e:
         if args.debug:
             raise
-        lines = [line.strip(" -") for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        text = lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:]) if len(lines) > 1 \
-            else lines[0]  # one line: "header: problem; problem"
-        print(f"lora-fx: error: {text}", file=sys.stderr)
+        print(f"lora-fx: error: {_one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

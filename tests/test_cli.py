@@ -138,6 +138,35 @@ def test_a_path_typo_is_no_such_directory_not_a_hub_download(model_and_adapter):
     assert r.returncode == 2 and "README.md: expected a PEFT adapter directory, found a file" in r.stderr
 
 
+def test_merge_warns_only_on_another_base_model_in_one_line(tmp_path):
+    tiny_model("llama").save_pretrained(str(tmp_path / "tiny-llama"))
+    for name in ("acme/tiny-llama", "acme/other-model"):
+        config = lora_fx.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=name)
+        lora_fx.init_adapter(tiny_model("llama"), config).save(tmp_path / f"on-{name.split('/')[1]}")
+    r = lora_fx_cli("merge", "--model", str(tmp_path / "tiny-llama"), "--adapter", str(tmp_path / "on-tiny-llama"),
+                    "--out", str(tmp_path / "a"))
+    assert r.returncode == 0 and "trained on" not in r.stderr, r.stderr  # a hub id and its local copy: one model
+    r = lora_fx_cli("merge", "--model", str(tmp_path / "tiny-llama"), "--adapter", str(tmp_path / "on-other-model"),
+                    "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "trained on" in line]
+    assert lines == [f"lora-fx: warning: adapter was trained on 'acme/other-model', the model is "
+                     f"'{tmp_path / 'tiny-llama'}'"], r.stderr
+    assert "UserWarning" not in r.stderr and ".check(model)" not in r.stderr
+
+
+@pytest.mark.parametrize(("trained_on", "loaded_from", "same"), [
+    ("acme/tiny-llama", "/models/tiny-llama/", True),
+    ("acme/tiny-llama", "/hf/hub/models--acme--tiny-llama/snapshots/0123abc", True),
+    ("./ckpt/base", "ckpt/base", True),
+    ("acme/tiny-llama", "/models/other-model", False),
+])
+def test_same_base_model_reads_hub_ids_and_local_paths(trained_on, loaded_from, same):
+    from lora_fx.checks import same_base_model
+
+    assert same_base_model(trained_on, loaded_from) is same
+
+
 def test_exported_package_refuses_a_sequence_above_max_seq(tmp_path, capsys):
     from lora_fx.cli import main
 
