@@ -38,6 +38,7 @@ from .bench_models import sync as sync
 from .bench_report import chart as chart
 from .bench_report import report
 from .bench_report import summarize as summarize
+from .cli import positive_int
 
 GROUPS = {  # process -> variants timed together with their own compiled base
     "eager": ["eager base", "PEFT eager", "PEFT merged eager", "PEFT compiled"],  # PEFT compiles its own frame
@@ -94,7 +95,7 @@ def run_group(group: str, args) -> dict:
                    if "mixed" not in name or wl == "decode b8"}
             for fn in fns.values():  # compile and warm up
                 fn()
-            reps = {"prefill": args.reps // 2, "generate": max(3, args.reps // 10)}.get(wl, args.reps)
+            reps = {"prefill": max(1, args.reps // 2), "generate": max(3, args.reps // 10)}.get(wl, args.reps)
             samples = {name: [] for name in fns}
             for _ in range(reps):
                 for name, fn in fns.items():
@@ -169,7 +170,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "0: skip)")
     p.add_argument("--seq", type=int, default=128, help="prefill length and decode KV-cache length")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per call")
-    p.add_argument("--reps", type=int, default=24, help="timed calls per variant (decode; prefill takes half)")
+    p.add_argument("--reps", type=positive_int, default=24,
+                   help="timed calls per variant (decode; prefill takes half, at least 1)")
     p.add_argument("--compile-reps", type=int, default=1, help="cold compiles per variant (compile group)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
         print(f"[bench] {group}: done in {time.time() - t:.0f}s", flush=True)
     report(results, args, tag)
     if args.also_hidden and args.also_hidden != args.hidden and not args.worker:
-        more = ["--hidden", str(args.also_hidden), "--reps", str(max(4, args.reps // 2)), "--also-hidden", "0",
+        more = ["--hidden", str(args.also_hidden), "--reps", str(max(1, args.reps // 2)), "--also-hidden", "0",
                 "--workloads", "prefill,decode", "--groups", "fold,branch"]
         return main([*passthrough, "--tag", f"{tag}-h{args.also_hidden}", *more])
     return 0

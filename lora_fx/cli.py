@@ -123,10 +123,21 @@ def export_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of repetitions)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}")
+    return n
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(([] if args.reps is None else ["--reps", str(args.reps)]) + args.bench_args)
 
 
 def _one_line(text: str) -> str:
@@ -166,10 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--max-rank", type=int, help="branch mode's rank budget for later swaps")
     s.add_argument("--max-seq", type=int, default=4096, help="the longest sequence the package takes")
     s.set_defaults(func=export_package)
-    s = sub.add_parser("bench", help="run the benchmark (benchmarks/README: flags after --)")
+    s = sub.add_parser("bench", help="run the benchmark (its other flags, e.g. --hidden 2048, pass through)")
+    s.add_argument("--reps", type=positive_int, help="timed calls per variant (default 24; prefill takes half)")
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=bench)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if args.command == "bench":  # the benchmark's own parser checks the rest
+        args.bench_args = [*unknown, *args.bench_args[args.bench_args[:1] == ["--"]:]]
+    elif unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.quiet and "LORA_FX_LOGS" not in os.environ:
         set_logs("info")  # compiling is the slow part: one line per graph as it is compiled
     try:

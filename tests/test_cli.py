@@ -185,3 +185,18 @@ def test_exported_package_refuses_a_sequence_above_max_seq(tmp_path, capsys):
     with pytest.raises(lora_fx.LoraFxError, match=r"--max-seq") as e:
         pkg(input_ids=example_ids(1, 20), use_cache=False)
     assert e.value.problems == ["input_ids.shape[1]: expected 2..16, found 20"]
+
+
+def test_bench_takes_reps_and_passes_its_other_flags_through(monkeypatch, capsys):
+    import lora_fx.bench as bench
+    from lora_fx.cli import main
+
+    given = []
+    monkeypatch.setattr(bench, "main", lambda argv: given.append(argv) or 0)
+    assert main(["bench", "--reps", "1", "--hidden", "64"]) == 0
+    assert main(["bench", "--", "--layers", "2"]) == 0
+    args = bench.parse(given[0])
+    assert (args.reps, args.hidden) == (1, 64) and bench.parse(given[1]).layers == 2
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--reps", "0"])
+    assert e.value.code == 2 and "--reps: expected an integer >= 1, found '0'" in capsys.readouterr().err
