@@ -13,6 +13,7 @@ from .errors import (
     RecompileLimitError,
     StaleWeightError,
     SwapError,
+    UnpicklableError,
 )
 from .loading import init_adapter, load_adapter
 from .logs import set_logs
@@ -41,6 +42,7 @@ __all__ = [
     "RewriteReport",
     "StaleWeightError",
     "SwapError",
+    "UnpicklableError",
     "apply_lora",
     "backend",
     "compile_pipeline",

@@ -32,7 +32,16 @@ from .dynamo import (
     watch_recompile_limit,
 )
 from .eager import EagerGuard
-from .errors import GraphRewriteError, LoraFxError, ModelMismatchError, SwapError, raise_if, through_dynamo
+from .errors import (
+    GraphRewriteError,
+    LoraFxError,
+    ModelMismatchError,
+    SwapError,
+    UnpicklableError,
+    raise_if,
+    through_dynamo,
+)
+from .inner import InnerCompiler
 from .inputs import DynamoInputs
 from .logs import clock, log_compile
 from .peft_model import peft_layers
@@ -40,21 +49,8 @@ from .rewrite import MODES, RewriteReport, rewrite_graph
 from .slots import Adapters
 from .state import LoraState
 
-INNER = ("inductor", "aot_eager", "eager")
 FUSE_TOKENS = 16  # Inductor: at most this many static tokens, the branch is fused reductions (CPU fp32:
 # faster than two GEMM calls at 1-8 tokens, equal at 32, slower from 64; see benchmarks/)
-
-
-def _inner_backend(inner: str | Callable) -> Callable:
-    if callable(inner):
-        return inner
-    if inner == "eager":
-        return lambda gm, example_inputs: gm.forward
-    if inner not in INNER:
-        raise ValueError(f"inner: expected one of {INNER} or a dynamo backend callable, found {inner!r}")
-    from torch._dynamo import lookup_backend
-
-    return lookup_backend(inner)
 
 
 class LoraBackend:
@@ -65,6 +61,14 @@ class LoraBackend:
             for mixed-adapter batches (branch mode; pick each row's adapter with ``select``).
         mode: "branch" or "fold".
         inner: "inductor", "aot_eager", "eager" or a dynamo backend callable.
+        options: Inductor options for inner="inductor", as ``torch.compile(options=...)`` takes them
+            (names of ``torch._inductor.config``; unknown names and other inner compilers are refused).
+            torch.compile's ``mode`` is Inductor options too: "reduce-overhead" is
+            ``{"triton.cudagraphs": True}``, "max-autotune" is ``{"max_autotune": True,
+            "triton.cudagraphs": True, "coordinate_descent_tuning": True}``
+            (``torch._inductor.list_mode_options``). A ``mode`` / ``options`` given to torch.compile
+            itself (transformers' ``CompileConfig`` passes mode="reduce-overhead" by default) applies
+            too, under these; other inner compilers ignore it, with a warning.
         max_rank: branch mode's rank budget, the largest total rank ``swap`` accepts later
             (default: the largest rank of ``adapters``).
         inplace: fold mode only: merge into the model's own weights (no second copy in memory);
@@ -93,18 +97,23 @@ class LoraBackend:
     it compiles; swapping, scaling, disabling and selecting never recompile. Before each call a
     compiled graph recomputes the derived tensors it reads (fold's W', DoRA's norms, scales) if a
     setting changed or the base weights they come from were edited in place since.
+
+    A backend is passed by reference: ``copy.deepcopy`` returns it (transformers deep-copies the
+    ``GenerationConfig`` that holds ``CompileConfig(backend=be)``) and pickling it raises
+    ``UnpicklableError``: a copy would not share its adapter tensors, graphs and lock.
     """
 
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
                  max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
-                 reserve: Sequence[Adapters] = (), requantize: Any = None):
+                 reserve: Sequence[Adapters] = (), requantize: Any = None,
+                 options: dict[str, Any] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
         if fuse_tokens is not None and (not isinstance(fuse_tokens, int) or fuse_tokens < 0):
             raise ValueError(f"fuse_tokens: expected an int >= 0, found {fuse_tokens!r}")
         self.mode = mode
         self.fuse_tokens = fuse_tokens if fuse_tokens is not None else FUSE_TOKENS if inner == "inductor" else 0
-        self.inner = _inner_backend(inner)
+        self.inner = InnerCompiler(inner, options)  # options checked here, as torch.compile does
         self.state = LoraState(adapters, mode, max_rank, inplace=inplace, reserve=reserve, requantize=requantize)
         self.lock = self.state.lock
         self.reports: list[RewriteReport] = []
@@ -158,9 +167,33 @@ class LoraBackend:
                   "the model has no module of that name" for fqn in self.state.layout.specs if fqn not in names],
                  GraphRewriteError, "cannot apply the adapter to this model:")
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    def __deepcopy__(self, memo: dict) -> LoraBackend:
+        """The backend itself (its state is live and shared). transformers deep-copies the
+        ``CompileConfig`` holding it right before compiling the model's call with it, then runs the
+        prompt's prefill uncompiled: the backend takes that moment to find the model on the stack,
+        as a compile does, and guard its targeted modules (``lora_fx.eager``), so the prefill gets
+        the adapter too."""
+        if self.model is None and self.eager.model is None:
+            model = find_model(list(self.state.layout.specs))
+            if model is not None and not peft_layers(model):
+                self.eager.install(model, g.named(model.named_modules()))
+        return self
+
+    def __copy__(self) -> LoraBackend:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise UnpicklableError(
+            "LoraBackend: expected to be passed by reference (copy.deepcopy returns the same backend), found an "
+            "attempt to pickle it: it holds live state (the adapter tensors it updates in place, compiled graphs, a "
+            "lock) that a copy would not share. Save the adapter (be.trained_adapter().save(dir)) and build a "
+            "backend from it where it is needed")
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **torch_compile: Any) -> Callable:
+        """Dynamo's call; ``torch_compile``: the ``mode`` / ``options`` torch.compile passes a custom backend."""
         try:
-            return self._compile(gm, example_inputs)
+            with self.inner.given(torch_compile):
+                return self._compile(gm, example_inputs)
         except LoraFxError as e:  # as it is, not wrapped in dynamo's BackendCompilerFailed
             raise through_dynamo(e).with_traceback(e.__traceback__) from e.__cause__
 
@@ -324,10 +357,11 @@ def _refuse_peft_layers(names: Sequence[str]) -> None:
 
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
             max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
-            reserve: Sequence[Adapters] = (), requantize: Any = None) -> LoraBackend:
+            reserve: Sequence[Adapters] = (), requantize: Any = None,
+            options: dict[str, Any] | None = None) -> LoraBackend:
     """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
 
     See :class:`LoraBackend` for the arguments.
     """
     return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace, fuse_tokens=fuse_tokens,
-                       reserve=reserve, requantize=requantize)
+                       reserve=reserve, requantize=requantize, options=options)

@@ -40,6 +40,11 @@ class StaleWeightError(LoraFxError, RuntimeError):
     """A weight that holds an in-place fold was changed behind lora_fx's back."""
 
 
+class UnpicklableError(LoraFxError, TypeError):
+    """A backend was pickled: it holds live state (the adapter tensors it updates in place, its
+    compiled graphs, a lock) that a copy would not share. It is passed by reference instead."""
+
+
 class RecompileLimitError(LoraFxError, RuntimeError):
     """Dynamo's recompile limit was reached for a frame that applies a LoRA adapter (dynamo would
     run it without the adapter from then on)."""
