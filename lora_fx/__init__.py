@@ -15,6 +15,7 @@ from .errors import (
     SwapError,
     UnpicklableError,
 )
+from .finetune import for_training
 from .loading import init_adapter, load_adapter
 from .logs import set_logs
 from .package import LoraPackage, export, load_package
@@ -47,6 +48,7 @@ __all__ = [
     "backend",
     "compile_pipeline",
     "export",
+    "for_training",
     "from_peft",
     "init_adapter",
     "load_adapter",

@@ -1,0 +1,146 @@
+"""Fine-tuning a model in place: ``model = lora_fx.for_training(model, adapter_or_config)``.
+
+The model stays the object it was (a transformers ``PreTrainedModel`` stays one, so
+``transformers.Trainer`` treats it as its own): its parameters are frozen, the adapter's A and B
+become parameters of their modules (``lora_fx_A`` / ``lora_fx_B``, what an optimizer over the
+trainable parameters gets), its forward is compiled with a branch-mode backend (``model.compile``,
+kept as ``model.lora_fx_backend``) and ``model.save_pretrained(dir)`` writes the trained adapter
+in PEFT's format.
+
+``save_pretrained`` is bound on the instance, not on a new class: ``type(model)``, ``isinstance``,
+pickling by class and ``type(model).save_pretrained(model, dir)`` (the whole model) stay as they
+were for other code; only this object's ``save_pretrained`` writes the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from typing import Any
+
+import torch
+
+from .adapter import Adapter
+from .backend import LoraBackend
+from .config import LoraConfig
+from .distributed import ATTACHED, _full
+from .errors import AdapterConfigError, raise_if
+from .loading import init_adapter
+
+CHECKPOINT_FILE = "model.safetensors"  # the name Trainer's resume_from_checkpoint loads a model's state dict from
+
+
+def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig | Any,
+                 **backend_kwargs: Any) -> torch.nn.Module:
+    """Make ``model`` train a LoRA adapter as ``peft.get_peft_model`` would, compiled by lora_fx.
+
+    Every parameter the model has is frozen; the adapter's A and B are registered on their modules
+    (``lora_fx_A`` / ``lora_fx_B``) with gradients on, so ``model.named_parameters()`` and
+    ``state_dict()`` hold them and an optimizer over the trainable parameters trains exactly them;
+    the forward is compiled with ``lora_fx.backend(adapter, mode="branch", **backend_kwargs)``
+    (``model.compile``: calls to ``model(...)`` run the compiled forward). The backend is
+    ``model.lora_fx_backend``; ``model.save_pretrained(dir, **kwargs)`` writes the trained adapter.
+
+    Args:
+        model: the base model (a ``transformers.PreTrainedModel`` to hand to ``Trainer``).
+        adapter_or_config: a lora_fx ``Adapter`` (its A and B are the starting values), or a
+            lora_fx / ``peft.LoraConfig``, initialised as PEFT initialises it (``init_adapter``).
+        backend_kwargs: passed to ``lora_fx.backend`` (``inner=``, ``options=``, ...); ``mode``
+            may only be "branch".
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        AdapterConfigError: what PEFT would train and lora_fx does not train yet (DoRA's magnitude,
+            lora_bias, modules_to_save, base biases, dropout), a PEFT initialisation other than the
+            default, a mode other than branch, a model prepared already; every problem at once.
+        GraphRewriteError / ModelMismatchError: the adapter does not fit the model (``be.attach``).
+    """
+    adapter = _adapter_for(model, adapter_or_config)
+    problems = untrained_problems(adapter)
+    mode = backend_kwargs.setdefault("mode", "branch")
+    if mode != "branch":
+        problems.append(f"mode: expected 'branch' (A and B are trained as parameters), found {mode!r}")
+    if "lora_fx_backend" in vars(model):
+        problems.append(f"{type(model).__name__}: expected a model for_training has not prepared, found one it has "
+                        "(model.lora_fx_backend); swap adapters with model.lora_fx_backend.swap(adapter)")
+    raise_if(problems, AdapterConfigError, "for_training: cannot train this adapter as PEFT would:")
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if adapter.config.base_model_name_or_path is None and name:  # as get_peft_model records it
+        adapter = dataclasses.replace(adapter, config=dataclasses.replace(adapter.config,
+                                                                          base_model_name_or_path=name))
+    be = LoraBackend(adapter, **backend_kwargs)
+    base = list(model.parameters())
+    be.attach(model)  # checks the model first: a refused model is left as it was
+    for p in base:
+        p.requires_grad_(False)
+    be.parameters()  # A and B: gradients on
+    model.lora_fx_backend = be
+    model.save_pretrained = types.MethodType(save_adapter, model)
+    model.compile(backend=be)
+    return model
+
+
+def untrained_problems(adapter: Adapter) -> list[str]:
+    """What ``peft.get_peft_model`` would train for ``adapter``'s config that lora_fx's branch
+    mode does not train yet (training without them would silently train less than PEFT)."""
+    c, p = adapter.config, []
+    if c.use_dora or adapter.is_dora:
+        p.append("use_dora: DoRA's magnitude (lora_magnitude_vector) is not trained yet; train plain LoRA")
+    if c.lora_bias or any(w.bias is not None for w in adapter.modules.values()):
+        p.append("lora_bias: lora_B's bias is not trained yet; use lora_bias=False")
+    if c.modules_to_save:
+        p.append(f"modules_to_save: {c.modules_to_save} are not trained yet; use modules_to_save=None")
+    if c.bias != "none":
+        p.append(f"bias: {c.bias!r} trains the base biases, which are not trained yet; use bias='none'")
+    if adapter.overrides and not (c.modules_to_save or c.bias != "none"):
+        p.append(f"overrides: the adapter replaces {sorted(adapter.overrides)}, which are not trained yet")
+    if c.lora_dropout:
+        p.append(f"lora_dropout: PEFT drops the LoRA input in training ({c.lora_dropout}), lora_fx's branch "
+                 "does not yet; use lora_dropout=0")
+    return p
+
+
+def _adapter_for(model: torch.nn.Module, source: Any) -> Adapter:
+    """The adapter to train: ``source`` itself, or a config initialised as PEFT would."""
+    if isinstance(source, Adapter):
+        return source
+    if isinstance(source, LoraConfig):
+        return init_adapter(model, source)
+    if type(source).__module__.startswith("peft") and hasattr(source, "to_dict"):
+        data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in source.to_dict().items()}
+        init = data.get("init_lora_weights", True)
+        if init is not True:
+            raise AdapterConfigError(
+                f"init_lora_weights: expected True (PEFT's default, which init_adapter reproduces), found {init!r}; "
+                "initialise with peft.get_peft_model and pass lora_fx.from_peft(peft_model)[1]['default'] instead")
+        return init_adapter(model, LoraConfig.from_dict(data, source="peft.LoraConfig"))
+    raise TypeError(f"adapter_or_config: expected a lora_fx Adapter, a lora_fx LoraConfig or a peft.LoraConfig, "
+                    f"found {type(source).__name__}")
+
+
+def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True,
+                 **kwargs: Any) -> None:
+    """``model.save_pretrained`` after ``for_training``: the trained adapter in PEFT's format.
+
+    Writes adapter_config.json and adapter_model.safetensors (``PeftModel.from_pretrained(base,
+    dir)`` loads them), and model.safetensors holding only A and B under the model's own parameter
+    names: what ``Trainer(resume_from_checkpoint=...)`` loads into a model that is not a
+    ``PeftModel`` (``load_state_dict(..., strict=False)``). The values are always the backend's
+    parameters; the other keywords transformers passes (``state_dict``, ``safe_serialization``,
+    ``max_shard_size``, ...) are accepted and change nothing (an adapter is one small file).
+    On resume, Trainer logs the frozen base weights as missing from that file: they are the
+    model's own, never trained, and stay as they are.
+    """
+    from safetensors.torch import save_file
+
+    be: LoraBackend = model.lora_fx_backend
+    adapter = be.trained_adapter()  # gathers sharded A / B: every rank calls it
+    if not is_main_process:
+        return
+    adapter.save(save_directory)
+    ab = {name: _full(p).detach().cpu().contiguous() for name, p in model.named_parameters()
+          if name.rpartition(".")[2] in ATTACHED.values()}
+    save_file(ab, os.path.join(save_directory, CHECKPOINT_FILE), metadata={"format": "pt"})

@@ -1,0 +1,150 @@
+"""lora_fx.for_training as transformers.Trainer's model, against Trainer over peft.get_peft_model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import lora_fx
+from tests.cases import VOCAB, tiny_model
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _dataset(n: int = 8, length: int = 10) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (n, length), generator=gen)
+    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+
+
+def _train(model: torch.nn.Module, out: str, resume: str | None = None) -> transformers.Trainer:
+    args = transformers.TrainingArguments(
+        output_dir=out, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_steps=5,
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.25, logging_steps=1,
+        save_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _logged(trainer: transformers.Trainer, key: str) -> list[float]:
+    return [e[key] for e in trainer.state.log_history if key in e and "train_runtime" not in e]
+
+
+def _peft_state(pm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(pm).items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """PEFT and lora_fx trained by Trainer from the same base and the same (random) adapter."""
+    base = tiny_model("llama")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    start = _peft_state(pm)
+    adapter = lora_fx.from_peft(copy.deepcopy(pm))[1]["default"]
+    peft_trainer = _train(pm, str(tmp_path_factory.mktemp("peft")))
+    model = lora_fx.for_training(copy.deepcopy(base), copy.deepcopy(adapter), inner="aot_eager")
+    out = tmp_path_factory.mktemp("lora_fx")
+    trainer = _train(model, str(out))
+    return dict(base=base, pm=pm, start=start, adapter=adapter, peft=peft_trainer, model=model, trainer=trainer,
+                out=out)
+
+
+def test_trainer_logs_the_losses_and_grad_norms_of_peft(runs):
+    ours, theirs = runs["trainer"], runs["peft"]
+    assert len(_logged(ours, "loss")) == 5
+    torch.testing.assert_close(_logged(ours, "loss"), _logged(theirs, "loss"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logged(ours, "grad_norm"), _logged(theirs, "grad_norm"), rtol=1e-5, atol=1e-5)
+    assert max(_logged(ours, "grad_norm")) > 0.25  # max_grad_norm=0.25 clipped at least one step
+
+
+def test_trainer_trains_only_the_adapter_as_peft_does(runs):
+    model, be = runs["model"], runs["model"].lora_fx_backend
+    trained = {k: v for k, v in model.state_dict().items() if "lora_fx_" not in k}
+    base = runs["base"].state_dict()
+    assert trained.keys() == base.keys()
+    assert all(torch.equal(trained[k], base[k]) for k in base)  # bitwise unchanged
+    ours, theirs = be.trained_adapter().state_dict(), _peft_state(runs["pm"])
+    assert ours.keys() == theirs.keys()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert all(not torch.allclose(ours[k], runs["start"][k]) for k in ours)  # every A and B moved
+    assert be.reports and be.unseen_modules() == []  # Trainer's calls ran the compiled graphs
+    optimizer = runs["trainer"].optimizer
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in be.parameters()}
+
+
+def test_checkpoint_loads_with_peft_model_from_pretrained(runs):
+    model, ckpt = runs["model"], runs["out"] / "checkpoint-5"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["target_modules"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(runs["base"]), str(ckpt)).eval()
+    ids = _dataset(2)[0]["input_ids"][None]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_checkpoint_reaches_the_same_adapter(runs, tmp_path):
+    model = lora_fx.for_training(copy.deepcopy(runs["base"]), copy.deepcopy(runs["adapter"]), inner="aot_eager")
+    trainer = _train(model, str(tmp_path), resume=str(runs["out"] / "checkpoint-3"))
+    assert trainer.state.global_step == 5
+    torch.testing.assert_close(model.lora_fx_backend.trained_adapter().state_dict(),
+                               runs["model"].lora_fx_backend.trained_adapter().state_dict(), rtol=1e-6, atol=1e-6)
+
+
+def test_for_training_returns_the_frozen_model_with_a_peft_saving_save_pretrained(tmp_path):
+    base = tiny_model("llama")
+    model = lora_fx.for_training(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), inner="aot_eager")
+    assert model is base and type(model) is transformers.LlamaForCausalLM
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [f"model.layers.{i}.self_attn.q_proj.lora_fx_{ab}" for i in range(2) for ab in "AB"]
+    model.save_pretrained(str(tmp_path), state_dict=None, safe_serialization=True, max_shard_size="5GB")
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    ids = _dataset(1)[0]["input_ids"][None]
+    with torch.no_grad():  # B is zero, as PEFT initialises it: both equal the base model
+        torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
+    model.save_pretrained(str(tmp_path / "other"), is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(lora_fx.AdapterConfigError, match="LlamaForCausalLM: expected a model for_training has not"):
+        lora_fx.for_training(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_for_training_initialises_a_lora_fx_config_as_peft():
+    config = lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"])
+    model = lora_fx.for_training(tiny_model("llama"), config, inner="aot_eager")
+    w = model.lora_fx_backend.trained_adapter().modules["model.layers.0.self_attn.v_proj"]
+    assert w.lora_a.abs().sum() > 0 and torch.count_nonzero(w.lora_b) == 0
+
+
+def test_for_training_refuses_what_it_does_not_train_yet():
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, modules_to_save=["lm_head"],
+                             bias="all", lora_dropout=0.1)
+    model = tiny_model("llama")
+    with pytest.raises(lora_fx.AdapterConfigError, match="not trained yet") as e:
+        lora_fx.for_training(model, config, inner="aot_eager")
+    assert [p.split(":")[0] for p in e.value.problems] == ["use_dora", "modules_to_save", "bias", "lora_dropout"]
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    with pytest.raises(lora_fx.AdapterConfigError, match="lora_bias"):
+        lora_fx.for_training(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    adapter = lora_fx.init_adapter(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    saved_head = dataclasses.replace(adapter, overrides={"lm_head.weight": model.lm_head.weight.detach().clone()})
+    with pytest.raises(lora_fx.AdapterConfigError, match=r"overrides: the adapter replaces \['lm_head.weight'\]"):
+        lora_fx.for_training(model, saved_head)
+    with pytest.raises(lora_fx.AdapterConfigError, match="mode: expected 'branch'"):
+        lora_fx.for_training(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]), mode="fold")
+
+
+def test_for_training_refuses_a_peft_initialisation_it_cannot_reproduce():
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian")
+    with pytest.raises(lora_fx.AdapterConfigError, match="init_lora_weights: expected True"):
+        lora_fx.for_training(tiny_model("llama"), config)
+    with pytest.raises(TypeError, match="adapter_or_config"):
+        lora_fx.for_training(tiny_model("llama"), {"r": 2})
