@@ -18,7 +18,7 @@ from .errors import (
 from .finetune import for_training
 from .loading import init_adapter, load_adapter
 from .logs import set_logs
-from .package import LoraPackage, export, load_package
+from .package import LoraPackage, PackageInputError, export, load_package
 from .peft_model import PeftAdapters, from_peft
 from .pipeline import LoraPipeline, compile_pipeline
 from .reference import apply_lora, lora_forward, merged_state_dict
@@ -36,6 +36,7 @@ __all__ = [
     "LoraPipeline",
     "LoraWeights",
     "ModelMismatchError",
+    "PackageInputError",
     "PeftAdapters",
     "PipelineLora",
     "RecompileLimitError",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -74,9 +75,15 @@ _INSTALLED = [False]
 
 def _install_hooks() -> None:
     """One pair of global module hooks for every guarded module: dynamo traces a module's own hooks
-    and guards on their ids, so per-module hooks would make each repeated block's graph its own."""
+    and guards on their ids, so per-module hooks would make each repeated block's graph its own.
+    Installed when a backend is built, before dynamo traces anything with it: global hooks that
+    appear in the middle of a compile make a restarted analysis take another path (dynamo's
+    speculation log diverges, measured with dynamic=True). torch warns at every
+    ``torch.compile(module)`` call while any global hook exists (they also fire for the
+    OptimizedModule wrapper, where these do nothing); that warning is silenced for these hooks."""
     if not _INSTALLED[0]:
         _INSTALLED[0] = True
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
         torch.nn.modules.module.register_module_forward_pre_hook(_pre)
         torch.nn.modules.module.register_module_forward_hook(_post, always_call=True)
 
@@ -117,6 +124,7 @@ class EagerGuard:
 
     def __init__(self, state: Any):
         self.state = state
+        _install_hooks()
         self.model: torch.nn.Module | None = None
         self.handles: list = []  # the hooks of its modules outside repeated blocks
 

@@ -125,3 +125,21 @@ def test_a_model_without_any_targeted_module_is_named_at_the_first_call():
     compiled = torch.compile(model, backend=lora_fx.backend(adapter, inner="aot_eager"))
     with pytest.raises(lora_fx.GraphRewriteError, match="base_model.model.model.layers.0.self_attn.q_proj"):
         compiled(example_ids())
+
+
+def test_dynamic_shapes_compile_once_and_equal_peft():
+    """``torch.compile(model, backend=be, dynamic=True)``, the serving setting: no restart of dynamo's
+    analysis goes another way (the eager guard's hooks exist before any trace), outputs equal PEFT's
+    for two batch sizes, and the second size compiles nothing."""
+    model = tiny_model("llama")
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False)).eval()
+    be = lora_fx.backend(lora_fx.from_peft(copy.deepcopy(pm))[1]["default"], inner="aot_eager")
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    counts = []
+    with torch.no_grad():
+        for batch in (4, 3):
+            ids = example_ids(batch=batch, seq=6)
+            torch.testing.assert_close(logits(compiled, ids), logits(pm, ids), **TOL)
+            counts.append(len(be.reports))
+    assert counts[0] == counts[1] > 0
