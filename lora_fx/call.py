@@ -101,6 +101,9 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
                 state.place(device)
             if done.batch is not None and state.selection is not None:
                 _check_batch(done.batch, args, state.selection.count)
+            if state.dropout.compiled:  # the rate the graphs' lora_dropout reads: 0 outside train mode
+                model = eager.model if eager is not None else None
+                state.dropout.set_for_call(state.adapters, model.training if model is not None else True)
             tensors = table.tensors(args)
             if eager is not None and any_pending():  # a module runs eagerly around this graph (its forward compiled)
                 computed_by_graph(eager.modules(table.modules))

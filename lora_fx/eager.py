@@ -177,6 +177,10 @@ class EagerGuard:
                 return None  # the model's own weight holds the merge
         if state.mixed:
             return self._rows_update(module, fqn, args, out)
+        rate = state.dropout.rate(state.adapters) if state.dropout.compiled and module.training else 0.0
+        if rate and torch.is_grad_enabled() and module_kind(module) != "embedding":  # as a training graph
+            state.dropout.set_for_call(state.adapters, True)  # one rate, or the graphs' error
+            args = (torch.nn.functional.dropout(args[0], rate, training=True), *args[1:])
         return eager_update(module, args, out, state.live_weights(fqn, module))
 
     def _rows_update(self, module: torch.nn.Module, fqn: str, args: Any, out: torch.Tensor) -> torch.Tensor:

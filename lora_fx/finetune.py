@@ -97,9 +97,6 @@ def untrained_problems(adapter: Adapter) -> list[str]:
         p.append(f"bias: {c.bias!r} trains the base biases, which are not trained yet; use bias='none'")
     if adapter.overrides and not (c.modules_to_save or c.bias != "none"):
         p.append(f"overrides: the adapter replaces {sorted(adapter.overrides)}, which are not trained yet")
-    if c.lora_dropout:
-        p.append(f"lora_dropout: PEFT drops the LoRA input in training ({c.lora_dropout}), lora_fx's branch "
-                 "does not yet; use lora_dropout=0")
     return p
 
 

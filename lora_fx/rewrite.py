@@ -246,6 +246,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     def nodes(s: g.Site) -> dict[str, fx.Node]:
         w_top, b_top = s.scope.top(s.weight), s.scope.top(s.bias) if s.bias is not None else None
         tensors, d = state.module_tensors(s.fqn, s.kind, inputs.value(w_top), inputs.value(b_top))
+        if not torch.is_grad_enabled():  # an inference graph: no lora_dropout (see dropout)
+            tensors = {role: t for role, t in tensors.items() if role != "dropout"}
         added.setdefault(s.fqn, {}).update(tensors)
         derived.append((d, (inputs.ref(w_top), inputs.ref(b_top))))
         ranks[id(s)] = tensors["lora_a"].shape[0] if "lora_a" in tensors else 0

@@ -32,6 +32,7 @@ import torch
 
 from .derived import Builders, Derived, stamp
 from .distributed import ATTACHED, Distributed
+from .dropout import LoraDropout
 from .errors import SwapError, raise_if
 from .inplace import InPlaceFold
 from .originals import OriginalStore
@@ -66,6 +67,7 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
                             "(one folded weight cannot hold several adapters)")
         self.layout = Layout.of(self.adapters, max_rank, reserve)
+        self.dropout = LoraDropout(self.adapters.slots, [AdapterSet(r).slots for r in reserve])  # see dropout
         self.multiplier, self.enabled = 1.0, True
         self.generation = 0  # settings and adapters: bumped by every update
         self.changes = 0  # bumped whenever a derived set gets new tensors
@@ -126,6 +128,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         if fqn in self.attached:
             for role, attr in ATTACHED.items():
                 self.sources[id(ab[role])] = (ab[role], self.attached[fqn], attr)
+        if self.dropout.compiled and kind not in ("embedding", "param"):
+            return {**ab, **d.tensors, "dropout": self.dropout.tensor(weight.device)}, d
         return {**ab, **d.tensors}, d
 
     def override_tensor(self, path: str, base: torch.Tensor) -> tuple[torch.Tensor, Derived]:

@@ -26,6 +26,9 @@ How the update is written depends on what the graph's fake values tell (x flatte
   torchao weight, y is pointwise ops after a GEMM: the expand is ``mm`` and the add is left to
   Inductor, fused with those ops (see insert_lora_branches).
 - no fake values (symbolic_trace), or an adapter dtype narrower than y's: linear + add, as PEFT.
+
+With ``lora_dropout`` in a training graph, x is dropped before A (a mask per module, so no shared
+shrink): see :mod:`lora_fx.dropout`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Callable, Collection
 import torch
 from torch import fx
 
+from ..dropout import drop
 from ..graph import MARK, Site, call, tensor_meta
 
 aten = torch.ops.aten
@@ -110,9 +114,12 @@ def _update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype: torc
     if h is None and site.kind == "embedding":
         ids = call(graph, aten.flatten.using_ints, (site.x,))
         h = call(graph, aten.mul.Tensor, (_lookup(graph, site, t["lora_a"], ids), t["scale"]))
-    elif h is None:  # fused; the GEMM form's h comes from a shared shrink (insert_lora_branches)
+    elif h is None:  # fused, or with dropout; else the GEMM form's h comes from a shared shrink
         x = call(graph, aten.flatten.using_ints, (_cast(graph, site.x, lora_dtype), 0, -2))  # [M, in]
-        h = call(graph, aten.mul.Tensor, (_small_matmul(graph, x, t["lora_a"]), t["scale"]))  # [M, R]
+        x = drop(graph, x, t["dropout"]) if "dropout" in t else x  # lora_dropout: A's input only
+        xa = _small_matmul(graph, x, t["lora_a"]) if fused else \
+            call(graph, aten.mm.default, (x, call(graph, aten.t.default, (t["lora_a"],))))
+        h = call(graph, aten.mul.Tensor, (xa, t["scale"]))  # [M, R]
     if fused or not accumulate:
         d = (_small_matmul(graph, h, t["lora_b"]) if fused
              else call(graph, aten.mm.default, (h, call(graph, aten.t.default, (t["lora_b"],)))))  # [M, out]
@@ -139,6 +146,7 @@ def _conv_update(graph: fx.Graph, site: Site, t: dict[str, fx.Node], lora_dtype:
     args = site.conv_args()
     x_meta, y_meta = tensor_meta(site.x), tensor_meta(site.node)
     x = _cast(graph, site.x, lora_dtype)
+    x = drop(graph, x, t["dropout"]) if "dropout" in t else x
     unbatched = x_meta is not None and x_meta.dim() == dims + 1
     if unbatched:  # (C, *spatial): computed as a batch of one
         x = call(graph, aten.unsqueeze.default, (x, 0))
@@ -188,7 +196,9 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
             if site.kind == "embedding":
                 h = _lookup(graph, site, t["lora_a"], site.x)  # [..., R]
             else:
-                h = call(graph, aten.linear.default, (_cast(graph, site.x, lora_dtype), t["lora_a"]))  # [..., R]
+                x = _cast(graph, site.x, lora_dtype)
+                x = drop(graph, x, t["dropout"]) if "dropout" in t else x
+                h = call(graph, aten.linear.default, (x, t["lora_a"]))  # [..., R]
             h = call(graph, aten.mul.Tensor, (h, t["scale"]))
             d = call(graph, aten.linear.default, (h, t["lora_b"], t.get("lora_bias")))  # [..., out]
             out = call(graph, aten.add.Tensor, (y, d))
@@ -253,7 +263,8 @@ def insert_lora_branches(sites: list[Site], tensors: Callable[[Site], tuple[dict
     given = [(site, *tensors(site)) for site in sites]
     groups: dict[tuple, list[tuple[Site, dict[str, fx.Node], int]]] = {}
     for site, nodes, dtype, rank in given:
-        if site.kind not in ("conv", "embedding", "param") and _form(site, dtype, fuse_tokens) == "gemm":
+        if site.kind not in ("conv", "embedding", "param") and _form(site, dtype, fuse_tokens) == "gemm" \
+                and "dropout" not in nodes:  # a mask per module: no shared shrink
             groups.setdefault((id(site.graph), site.x, dtype), []).append((site, nodes, rank))
     shrunk: dict[int, fx.Node] = {}
     walks: dict[int, tuple[list[fx.Node], dict[fx.Node, int]]] = {}  # one walk per graph
