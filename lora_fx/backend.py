@@ -103,6 +103,8 @@ class LoraBackend:
     ``UnpicklableError``: a copy would not share its adapter tensors, graphs and lock.
     """
 
+    base_graphs = False  # mixed batches: also compile each graph without the branch, for all-None batches
+
     def __init__(self, adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
                  max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
                  reserve: Sequence[Adapters] = (), requantize: Any = None,
@@ -201,6 +203,7 @@ class LoraBackend:
         start = clock()
         register_frame()
         gm = copy_dynamo_graph(gm)
+        unrewritten = copy_dynamo_graph(gm) if self.base_graphs and self.state.mixed else None
         inputs = DynamoInputs(gm, example_inputs)
         _refuse_peft_layers(sorted({p.rpartition(".lora_")[0] for p in inputs.paths.values() if ".lora_A." in p}))
         model = self.model or find_model(list(self.state.layout.specs))
@@ -219,6 +222,7 @@ class LoraBackend:
         dropped = _drop_replaced_subclass_inputs(gm, example_inputs, read)
         kept = [x for i, x in enumerate(example_inputs) if i not in dropped]
         inner_start = clock()
+        base = self.inner(unrewritten, example_inputs) if unrewritten is not None else None
         compiled = self.inner(gm, [*kept, *static_fakes(extra, trainable)])
         log_compile(gm, done.report, len(self.reports), inner_start - start, clock() - inner_start)
         if done.owned and model is not None:
@@ -228,7 +232,8 @@ class LoraBackend:
         else:
             binder = None
         repacked = _repackable_modules(model) if model is not None and state.mode == "branch" else []
-        return bind(compiled, extra, state, done, binder, dropped, repacked, self._seen, self.eager)
+        return bind(compiled, extra, state, done, binder, dropped, repacked, self._seen, self.eager,
+                    base if done.batch is not None else None)
 
     def unseen_modules(self) -> list[str]:
         """Targeted modules (and substituted parameters) that no compiled graph has held yet: after
@@ -241,7 +246,8 @@ class LoraBackend:
         Branch mode writes A and B (padded to the rank budget): trained values are replaced.
         Fold mode recomputes W' = W + scale * B A before the next call. A new adapter may target
         the compiled modules or a subset (the others contribute nothing). With a mixed-batch
-        backend, pass a mapping of the slot names to replace.
+        backend, pass a mapping of the slot names to replace (None empties a slot: its rows run
+        the base model).
 
         Raises:
             SwapError: a module the compiled graphs lack, a rank above the budget, DoRA where the
@@ -295,20 +301,22 @@ class LoraBackend:
             if was:
                 self.enable()
 
-    def select(self, rows: Sequence[str | None]) -> None:
+    def select(self, rows: Sequence[str | None], beams: int = 1) -> None:
         """Mixed batches: row i of the following calls uses adapter ``rows[i]`` (None: the base model).
 
-        With beam search (num_beams = k), give one name per input row: the selection is repeated
-        for the k beams of each row, as PEFT's ``adapter_names`` is. A call whose batch is not a
-        multiple of ``len(rows)`` raises SwapError.
+        Every call must then have exactly ``len(rows) * beams`` rows: with beam search
+        (num_beams = k), give one name per input row and ``beams=k``; each row's adapter is repeated
+        for its k beams, as PEFT's ``adapter_names`` is. Any other batch size raises SwapError
+        (a selection is never read as beams by accident). The selection is shared by all threads;
+        a pool backend's ``using`` gives each thread its own.
 
         Raises:
-            SwapError: an unknown name, or a backend built without named adapters.
+            SwapError: an unknown name, a bad ``beams``, or a backend built without named adapters.
         """
         if self.state.selection is None:
             raise SwapError("select: expected a backend built with a mapping name -> adapter, found one adapter set")
         with self.lock:
-            self.state.selection.select(rows)
+            self.state.selection.select(rows, beams)
 
     def trained_adapter(self) -> Adapter | list[Adapter]:
         """The adapter with A and B as they are now (after training); ``.save(dir)`` writes PEFT's format."""
@@ -358,10 +366,19 @@ def _refuse_peft_layers(names: Sequence[str]) -> None:
 def backend(adapters: Adapters, *, mode: str = "branch", inner: str | Callable = "inductor",
             max_rank: int | None = None, inplace: bool = False, fuse_tokens: int | None = None,
             reserve: Sequence[Adapters] = (), requantize: Any = None,
-            options: dict[str, Any] | None = None) -> LoraBackend:
+            options: dict[str, Any] | None = None, slots: int | None = None,
+            host_bytes: int | None = None) -> LoraBackend:
     """A torch.compile backend applying ``adapters``: ``torch.compile(model, backend=backend(a))``.
 
-    See :class:`LoraBackend` for the arguments.
+    See :class:`LoraBackend` for the arguments. ``slots=N``: a serving pool
+    (:class:`lora_fx.pool.PoolBackend`): ``adapters`` is a registry name -> Adapter or PEFT
+    directory, of any size; N slots are compiled, filled on demand by ``using``; ``host_bytes``
+    bounds the adapters loaded from disk that are kept in host memory.
     """
+    if slots is not None:
+        from .pool import PoolBackend
+
+        return PoolBackend(adapters, slots=slots, host_bytes=host_bytes, inner=inner, max_rank=max_rank,
+                           fuse_tokens=fuse_tokens, reserve=reserve, options=options, mode=mode)
     return LoraBackend(adapters, mode=mode, inner=inner, max_rank=max_rank, inplace=inplace, fuse_tokens=fuse_tokens,
                        reserve=reserve, requantize=requantize, options=options)

@@ -16,7 +16,7 @@ from . import graph as g
 from . import inplace
 from .binding import Binder, base_table, bound_table
 from .eager import EagerGuard, any_pending, computed_by_graph
-from .errors import GraphRewriteError, SwapError, raise_if
+from .errors import GraphRewriteError, raise_if
 from .inplace import merged_by_other, merged_problem
 from .rewrite import Rewritten
 from .state import LoraState, resolve, stamp
@@ -43,7 +43,8 @@ def _refuse_training_repacked(modules: Sequence[tuple[str, torch.nn.Module]]) ->
 
 def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, binder: Binder | None,
           dropped: set[int] = frozenset(), repacked: Sequence[tuple[str, torch.nn.Module]] = (),
-          seen: set[str] | None = None, eager: EagerGuard | None = None) -> Callable:
+          seen: set[str] | None = None, eager: EagerGuard | None = None,
+          base: Callable | None = None) -> Callable:
     """The function dynamo calls for one graph: bind the modules whose weights it gets (see
     :mod:`lora_fx.binding`), bring what it reads up to date, then run it.
 
@@ -53,7 +54,8 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
     ``done.no_backward``: modules traced without a backward (``collect._traced_without_gradient``),
     ``repacked``: bitsandbytes 4-bit modules: a call that would train through them raises.
     ``dropped``: positions of the call's arguments the compiled graph no longer takes. ``seen``:
-    the modules the backend's graphs have held, bound ones added.
+    the modules the backend's graphs have held, bound ones added. ``base``: the graph compiled
+    without the LoRA branch, run instead when no row of a mixed batch has an adapter.
     """
     seen = set() if seen is None else seen
     derived, no_backward = done.derived, done.no_backward
@@ -99,8 +101,10 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
                 table.seen = [state.generation, state.changes]
             if device is not None and state.device != device:  # the model moved back and forth
                 state.place(device)
-            if done.batch is not None and state.selection is not None:
-                _check_batch(done.batch, args, state.selection.count)
+            if state.selection is not None:  # this thread's rows (checked against the batch), into index / rows
+                state.selection.apply(None if done.batch is None else _batch_size(done.batch, args))
+                if base is not None and state.selection.all_base():
+                    return base(*args)  # no row has an adapter: the graph without the branch
             if state.dropout.compiled:  # the rate the graphs' lora_dropout reads: 0 outside train mode
                 model = eager.model if eager is not None else None
                 state.dropout.set_for_call(state.adapters, model.training if model is not None else True)
@@ -131,9 +135,5 @@ def _refuse_training_replaced(paths: Sequence[str]) -> None:
              "alone, or train this adapter with PEFT:")
 
 
-def _check_batch(batch: Any, args: Sequence[Any], rows: int) -> None:
-    size = batch if isinstance(batch, int) else args[batch[1]].shape[0] if batch[0] == "shape" else args[batch[1]]
-    if size % rows:
-        raise SwapError(f"mixed batch: expected a batch of a multiple of the {rows} selected rows "
-                        f"(one name per row; beams repeat it), found {size} rows; call select() with one "
-                        "name per row of this batch")
+def _batch_size(batch: Any, args: Sequence[Any]) -> int:
+    return batch if isinstance(batch, int) else args[batch[1]].shape[0] if batch[0] == "shape" else args[batch[1]]

@@ -189,12 +189,13 @@ class EagerGuard:
         from .errors import SwapError
 
         state = self.state
-        rows, batch = state.selection.count, out.shape[0]
-        if batch % rows:
-            raise SwapError(f"{fqn}: mixed batch: expected a batch of a multiple of the {rows} selected rows, found "
-                            f"{batch} rows; call select() with one name per row of this batch")
-        chosen = state.selection.index[:rows].tolist()
-        per_row = [chosen[(i * rows) // batch] for i in range(batch)]
+        batch = out.shape[0]
+        chosen, beams = state.selection.current() or ((0,) * batch, 1)
+        if batch != len(chosen) * beams:
+            raise SwapError(f"{fqn}: mixed batch: expected {len(chosen) * beams} rows ({len(chosen)} selected x "
+                            f"{beams} beams), found {batch}; select one name per row of this batch, or declare "
+                            "beams (select(rows, beams=k))")
+        per_row = [k for k in chosen for _ in range(beams)]
         device = next((t.device for t in module.parameters(recurse=False)), None)
         result = out
         for slot in sorted(set(per_row) - {0}):

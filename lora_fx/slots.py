@@ -10,6 +10,7 @@ a swap looks like one compiled first.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,8 @@ class AdapterSet:
     def __init__(self, adapters: Adapters):
         named = isinstance(adapters, Mapping)
         self.names: list[str] = list(adapters) if named else []
-        self.slots = [as_adapters(a) for a in adapters.values()] if named else [as_adapters(adapters)]
+        self.slots = [[] if a is None else as_adapters(a) for a in adapters.values()] if named \
+            else [as_adapters(adapters)]  # a named slot may be empty (None: the base model)
         self.modules = [combined_modules(s) for s in self.slots]
         self.overrides = combined_overrides([a for s in self.slots for a in s])
         raise_if(["modules_to_save / saved biases: expected none in a mixed-adapter batch, found "
@@ -55,7 +57,8 @@ class AdapterSet:
         return self.modules[slot].get(fqn, [])
 
     def replace(self, adapters: Adapters) -> AdapterSet:
-        """The set after ``swap(adapters)``: all of it, or the named slots of a mixed set."""
+        """The set after ``swap(adapters)``: all of it, or the named slots of a mixed set (None
+        empties a slot: its rows run the base model)."""
         if not self.mixed:
             return AdapterSet(adapters)
         if not isinstance(adapters, Mapping):
@@ -63,7 +66,7 @@ class AdapterSet:
                             f"found {type(adapters).__name__}")
         unknown = [n for n in adapters if n not in self.names]
         raise_if([f"{n}: no such slot (slots: {self.names})" for n in unknown], SwapError, "cannot swap:")
-        return AdapterSet({n: adapters.get(n, s) for n, s in zip(self.names, self.slots)})
+        return AdapterSet({n: adapters.get(n, s or None) for n, s in zip(self.names, self.slots)})
 
 
 @dataclass(frozen=True)
@@ -168,24 +171,68 @@ class Layout:
 
 
 class Selection:
-    """Mixed batches: the slot of each selected row (``index``) and how many rows (``count``)."""
+    """Mixed batches: the slot of each row the compiled graphs read (``index``, ``rows``).
+
+    A selection is a tuple of slot numbers (0: the base model) and a beam count: a call's batch
+    must hold exactly ``len(rows) * beams`` rows (each row repeated for its beams, as PEFT's
+    ``adapter_names`` with ``num_beams``). ``select`` sets the selection every thread reads;
+    ``push`` / ``pop`` set one for the calling thread alone (a pool's ``using`` block). Each
+    compiled call writes its thread's selection into ``index`` / ``rows`` under the state lock
+    (``apply``), so a call never reads another thread's rows.
+    """
 
     def __init__(self, names: Sequence[str]):
         self.names = list(names)
         self.index = torch.zeros(MAX_ROWS, dtype=torch.long)
         self.rows = torch.ones((), dtype=torch.long)
-        self.count = 1
+        self.default: tuple[tuple[int, ...], int] | None = None  # None: every row runs the base model
+        self.written: tuple[tuple[int, ...], int] | None = None  # what index / rows hold
+        self.local = threading.local()
 
-    def select(self, rows: Sequence[str | None]) -> None:
+    def slots_of(self, rows: Sequence[str | None], beams: int = 1) -> tuple[int, ...]:
+        """The slot number of each named row (raises on unknown names / counts)."""
         unknown = sorted({r for r in rows if r is not None and r not in self.names})
         problems = [f"{r!r}: no such adapter (known: {self.names}, or None for the base model)" for r in unknown]
         if not 0 < len(rows) <= MAX_ROWS:
             problems.append(f"rows: expected 1 to {MAX_ROWS} names, found {len(rows)}")
+        if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+            problems.append(f"beams: expected an int >= 1, found {beams!r}")
         raise_if(problems, SwapError, "cannot select:")
         slot = {name: i + 1 for i, name in enumerate(self.names)}
-        self.index[: len(rows)] = torch.tensor([slot[r] if r is not None else 0 for r in rows])
-        self.rows.fill_(len(rows))
-        self.count = len(rows)
+        return tuple(slot[r] if r is not None else 0 for r in rows)
+
+    def select(self, rows: Sequence[str | None], beams: int = 1) -> None:
+        self.default = (self.slots_of(rows, beams), beams)
+
+    def push(self, slots: tuple[int, ...], beams: int) -> None:
+        self.local.__dict__.setdefault("stack", []).append((slots, beams))
+
+    def pop(self) -> None:
+        self.local.stack.pop()
+
+    def current(self) -> tuple[tuple[int, ...], int] | None:
+        stack = getattr(self.local, "stack", None)
+        return stack[-1] if stack else self.default
+
+    def all_base(self) -> bool:
+        """Whether the calling thread's rows all run the base model."""
+        cur = self.current()
+        return cur is None or not any(cur[0])
+
+    def apply(self, batch: int | None) -> None:
+        """Before a call of ``batch`` rows (None: not known): check it against the calling thread's
+        selection and write that selection into ``index`` / ``rows`` (hold the state lock)."""
+        cur = self.current()
+        if cur is not None and batch is not None and batch != len(cur[0]) * cur[1]:
+            n, k = len(cur[0]), cur[1]
+            raise SwapError(f"mixed batch: expected {n * k} rows ({n} selected" + (f" x {k} beams" if k > 1 else "")
+                            + f"), found a batch of {batch}; select one name per row of this batch, or declare "
+                            "beams (select(rows, beams=k) / using(rows, beams=k)) when the model repeats each row")
+        if cur != self.written:
+            slots, beams = cur or ((0,), 1)
+            self.index[: len(slots)] = torch.tensor(slots)
+            self.rows.fill_(len(slots))
+            self.written = cur
 
     def to(self, device: torch.device) -> None:
         self.index, self.rows = self.index.to(device), self.rows.to(device)

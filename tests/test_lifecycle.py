@@ -291,15 +291,18 @@ def reference_after_restore(model, ad, ids, be):
         be.enable()
 
 
-def test_mixed_batch_size_not_a_multiple_of_the_selection_is_an_error():
+def test_mixed_batch_size_other_than_the_selection_is_an_error():
     model = tiny_model("llama")
     ads = {"a": adapter(model, seed=1), "b": adapter(model, seed=2)}
     be = lora_fx.backend(ads, inner="aot_eager")
     compiled = torch.compile(model, backend=be, dynamic=True)
     with torch.no_grad():
         be.select(["a", "b"])
-        compiled(input_ids=example_ids(batch=4))  # two beams per row: fine
-        with pytest.raises(SwapError, match="multiple of the 2 selected rows.*found 3"):
+        with pytest.raises(SwapError, match=r"expected 2 rows \(2 selected\), found a batch of 4.*declare beams"):
+            compiled(input_ids=example_ids(batch=4))  # never read as beams unless declared
+        be.select(["a", "b"], beams=2)
+        compiled(input_ids=example_ids(batch=4))  # two declared beams per row: fine
+        with pytest.raises(SwapError, match=r"expected 4 rows \(2 selected x 2 beams\), found a batch of 3"):
             compiled(input_ids=example_ids(batch=3))
 
 

@@ -163,7 +163,7 @@ def test_mixed_batch_in_generate_follows_beams(tmp_path):
     kw = dict(max_new_tokens=5, do_sample=False, num_beams=2, pad_token_id=0)
     with torch.no_grad():
         want = pm.generate(input_ids=ids, adapter_names=[r or "__base__" for r in rows], **kw)
-        be.select(rows)
+        be.select(rows, beams=2)  # declared: each row's adapter repeated for its 2 beams
         got = model.generate(input_ids=ids, **kw)
     assert torch.equal(got, want)
 
