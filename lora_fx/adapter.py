@@ -33,6 +33,7 @@ from .checks import conv_problems as conv_problems  # re-exported (its home befo
 from .checks import model_problems, same_base_model
 from .config import LoraConfig
 from .errors import ModelMismatchError, raise_if
+from .experts import expert_delta
 
 PREFIX = "base_model.model."
 
@@ -52,7 +53,11 @@ class LoraWeights:
             (PEFT's ``target_parameters`` and nn.MultiheadAttention's in_proj_weight / out_proj),
             instead of an update added at the module's output; None for module LoRA.
         saved_as: the module path of PEFT's keys when it differs from the module's own
-            (``mha.base_layer.out_proj`` for ``mha.out_proj``).
+            (``mha.base_layer.out_proj`` for ``mha.out_proj``; ``experts.base_layer`` for a nested
+            expert parameter).
+        experts: E for LoRA on a 3-D expert parameter (E, out, in), 0 otherwise. Its tensors keep
+            PEFT's layout, lora_a (r * E, in) and lora_b (out, r * E) (see :mod:`lora_fx.experts`);
+            the key in ``Adapter.modules`` is then the parameter's full name.
     """
 
     lora_a: torch.Tensor
@@ -63,10 +68,11 @@ class LoraWeights:
     embedding: bool = False
     param: str | None = None
     saved_as: str | None = None
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[0]
+        return self.lora_a.shape[0] // (self.experts or 1)
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -76,7 +82,7 @@ class LoraWeights:
     @property
     def groups(self) -> int:
         """A conv's groups (lora_B is grouped as the base conv is); 1 otherwise."""
-        return self.rank // self.lora_b.shape[1] if self.lora_b.shape[1] else 1
+        return self.rank // self.lora_b.shape[1] if self.lora_b.shape[1] and not self.experts else 1
 
     def b_matrix(self) -> torch.Tensor:
         """B as an (out, r) matrix: a grouped conv's B becomes block-diagonal."""
@@ -99,7 +105,10 @@ class LoraWeights:
         return self if multiplier == 1.0 else dataclasses.replace(self, scale=self.scale * multiplier)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """scale * B @ A as an (out, in * prod(k)) matrix (embeddings: (dim, vocab))."""
+        """scale * B @ A as an (out, in * prod(k)) matrix (embeddings: (dim, vocab)); for expert
+        parameters, scale * B_e @ A_e for every expert, (E, out, in)."""
+        if self.experts:
+            return expert_delta(self.lora_a, self.lora_b, self.experts, self.scale, dtype)
         return self.scale * (self.b_matrix().to(dtype) @ self.a_matrix().to(dtype))
 
 

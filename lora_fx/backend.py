@@ -41,6 +41,7 @@ from .errors import (
     raise_if,
     through_dynamo,
 )
+from .experts import implementation_problems, module_of
 from .inner import InnerCompiler
 from .inputs import DynamoInputs
 from .logs import clock, log_compile
@@ -166,7 +167,8 @@ class LoraBackend:
         _refuse_peft_layers(peft_layers(model))
         names = g.named(model.named_modules())
         raise_if([f"{fqn}: expected a linear / Conv1D / embedding op of this module in the graph, found none; "
-                  "the model has no module of that name" for fqn in self.state.layout.specs if fqn not in names],
+                  "the model has no module of that name" for fqn, spec in self.state.layout.specs.items()
+                  if module_of(fqn, spec) not in names] + implementation_problems(self.state.layout.specs, names),
                  GraphRewriteError, "cannot apply the adapter to this model:")
 
     def __deepcopy__(self, memo: dict) -> LoraBackend:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import targets
+from .experts import expert_problems, nesting_problems
 from .quantized import out_in
 
 if TYPE_CHECKING:
@@ -22,6 +23,9 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     linear = targets.linear_like_types()
     for fqn, w in adapter.modules.items():
+        if w.experts:  # keyed by the parameter's full name (see lora_fx.experts)
+            problems += expert_problems(fqn, w.rank, w.experts, modules)
+            continue
         mod = modules.get(fqn)
         if mod is None:
             problems.append(f"{fqn}: adapter has LoRA tensors for it, the model has no such module")
@@ -61,6 +65,7 @@ def model_problems(adapter: Adapter, model: torch.nn.Module) -> list[str]:
         if w.magnitude is not None and w.magnitude.numel() != want_b[0]:
             problems.append(f"{fqn}.lora_magnitude_vector: expected {want_b[0]} values (one per output), "
                             f"found shape {tuple(w.magnitude.shape)}")
+    problems += nesting_problems({p: w.saved_as for p, w in adapter.modules.items() if w.experts}, modules)
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
     for path, t in adapter.overrides.items():

@@ -94,7 +94,7 @@ def _param_sites(top: g.Scope, specs: dict, inputs: GraphInputs, params: dict[st
     for fqn, spec in specs.items():
         if spec.param is None:
             continue
-        path = f"{fqn}.{spec.param}"
+        path = fqn if spec.experts else f"{fqn}.{spec.param}"  # an expert parameter is keyed by its own name
         node = inputs.node_for_tensor(params[path]) if path in params else inputs.node_for_path(path)
         if node is not None and node.users:
             out.append(g.Site(node, fqn, "param", top, path))

@@ -30,6 +30,7 @@ import torch
 
 from .diffusers import refuse_call_scale
 from .errors import GraphRewriteError
+from .experts import module_of
 from .targets import module_kind
 
 _LOCAL = threading.local()  # per thread: (guard, module fqn) -> its calls running eagerly, computed by a graph yet
@@ -144,7 +145,7 @@ class EagerGuard:
         refuse_call_scale(model)
         overridden = {path.rpartition(".")[0] for path in self.state.layout.overrides}
         for fqn, spec in self.state.layout.specs.items():
-            mod = modules.get(fqn)
+            mod = modules.get(module_of(fqn, spec))
             if mod is None:
                 continue
             why = ("its parameter is merged with the adapter inside the compiled graphs" if spec.param

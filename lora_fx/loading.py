@@ -18,6 +18,7 @@ from .adapter import HALF as HALF
 from .adapter import PREFIX, Adapter, LoraWeights, adapter_dtype
 from .config import TRAINING_STATE_KEYS, LoraConfig
 from .errors import AdapterConfigError, AdapterWeightsError, LoraFxError, raise_if
+from .experts import expert_keys, unnested
 from .init import init_adapter as init_adapter
 from .init import random_adapter as random_adapter
 
@@ -144,8 +145,12 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     check_targets = isinstance(config.target_modules, list) or (
         isinstance(config.target_modules, str) and config.target_modules != targets.ALL_LINEAR)
     params = parameter_targets(config, set(parts))
-    matched = {entry: _entry_modules(entry, set(parts)) for entry in config.target_parameters or ()}
-    for fqn in sorted(set(parts)):
+    rows = {k: p["lora_a"].shape[0] for k, p in parts.items() if "lora_a" in p and p["lora_a"].dim() == 2}
+    experts = expert_keys(config, set(parts), rows, _entry_modules)  # PEFT key path -> (parameter, E)
+    bases = {unnested(k)[0] for k in experts}
+    unwrapped = {unnested(k)[0] for k in parts}
+    matched = {entry: _entry_modules(entry, unwrapped) for entry in config.target_parameters or ()}
+    for fqn in sorted(set(parts) - bases):
         names = sorted({e.rpartition(".")[2] for e, fqns in matched.items() if fqn in fqns})
         if len(names) > 1:
             problems.append(f"target_parameters: expected one parameter per module, found several of {fqn!r} "
@@ -161,6 +166,9 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
         if a is None or b is None:
             missing, found = (what[0], what[1]) if a is None else (what[1], what[0])
             problems.append(f"{fqn}: expected {missing} with {found}, found only {found}")
+            continue
+        if fqn in experts:
+            problems += _expert_weights(config, fqn, *experts[fqn], a, b, scale, dtype, autocast_adapter_dtype, modules)
             continue
         a, b = block_diagonal_factors(config, fqn, a, b)
         if a.dim() >= 3 and not emb:  # a conv: A (r, in, *k), B (out, r / groups, *1)
@@ -214,9 +222,26 @@ def build_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], *, scale
     if not modules and not overrides and not problems:
         problems.append("expected LoRA tensors, found none")
     raise_if(problems, AdapterWeightsError, f"{source}: invalid adapter weights:")
-    if any(w.saved_as for w in modules.values()) and not config.inference_only:
+    if any(w.saved_as and not w.experts for w in modules.values()) and not config.inference_only:
         config = dataclasses.replace(config, inference_only=MHA_TRAINING)
     return Adapter(config, modules, overrides, multiplier=scale, name=name)
+
+
+def _expert_weights(config: LoraConfig, key: str, path: str, experts: int, a: torch.Tensor, b: torch.Tensor,
+                    scale: float, dtype: torch.dtype | None, autocast: bool,
+                    modules: dict[str, LoraWeights]) -> list[str]:
+    """LoRA on a 3-D expert parameter (see :mod:`lora_fx.experts`): checked, then added to
+    ``modules`` under the parameter's full name. Returns the problems."""
+    r = targets.rank_of(config, path)
+    if b.dim() != 2 or b.shape[1] != r * experts:
+        return [f"{key}: expected lora_B.weight (out, {r * experts}) for {experts} experts of rank {r} ({path}), "
+                f"found {tuple(b.shape)}"]
+    if config.use_dora or config.lora_bias:
+        return [f"{path}: LoRA on a parameter has no DoRA or lora_bias (PEFT refuses them too)"]
+    cast = lambda t: t.to(adapter_dtype(dtype, t.dtype, autocast))  # noqa: E731
+    modules[path] = LoraWeights(cast(a), cast(b), targets.scale_of(config, path, scale), param=path.rpartition(".")[2],
+                                saved_as=key, experts=experts)
+    return []
 
 
 MHA_TRAINING = ("nn.MultiheadAttention: PEFT's forward adds out_proj's update twice (merged by hand, then by "

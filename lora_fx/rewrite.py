@@ -204,8 +204,9 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                             "the rows it looks up in place, in the base weight and in LoRA's A separately, at every "
                             "call, which no folded or added update reproduces; expected max_norm=None")
         out_f, in_f = spec.shape
-        shape = {"linear": (out_f, in_f), "param": (out_f, in_f), "conv1d": (in_f, out_f), "embedding": (in_f, out_f),
-                 "conv": (out_f, in_f // spec.groups, *spec.kernel)}[s.kind]
+        experts = (spec.experts,) if spec.experts else ()  # a 3-D expert parameter (E, out, in)
+        shape = {"linear": (out_f, in_f), "param": (*experts, out_f, in_f), "conv1d": (in_f, out_f),
+                 "embedding": (in_f, out_f), "conv": (out_f, in_f // spec.groups, *spec.kernel)}[s.kind]
         if tuple(w.shape) != shape:
             problems.append(f"{s.fqn}: expected weight shape {shape} for the adapter's A/B, found {tuple(w.shape)}")
     replacements: dict[fx.Node, fx.Node] = {}

@@ -85,13 +85,14 @@ class ModuleSpec:
     kernel: tuple[int, ...] = ()  # a conv's kernel size (A is (R, in, *kernel))
     groups: int = 1  # a conv's groups (B is block-diagonal)
     param: str | None = None  # LoRA merged into this parameter of the module (LoraWeights.param)
+    experts: int = 0  # a 3-D expert parameter's E (LoraWeights.experts); the fqn is then the parameter's
 
     @staticmethod
     def of(ws: list[LoraWeights]) -> ModuleSpec:
         w = ws[0]
         return ModuleSpec((w.lora_b.shape[0], w.lora_a.shape[1]), w.lora_a.dtype, w.embedding,
                           any(x.magnitude is not None for x in ws), any(x.bias is not None for x in ws),
-                          w.kernel, w.groups, w.param)
+                          w.kernel, w.groups, w.param, w.experts)
 
 
 @dataclass(frozen=True)

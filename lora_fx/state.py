@@ -33,7 +33,8 @@ import torch
 from .derived import Builders, Derived, stamp
 from .distributed import ATTACHED, Distributed
 from .dropout import LoraDropout
-from .errors import SwapError, raise_if
+from .errors import AdapterConfigError, SwapError, raise_if
+from .experts import branch_problems
 from .inplace import InPlaceFold
 from .originals import OriginalStore
 from .quantized import quant_format
@@ -67,6 +68,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
                             "(one folded weight cannot hold several adapters)")
         self.layout = Layout.of(self.adapters, max_rank, reserve)
+        if mode == "branch":
+            raise_if(branch_problems(self.layout.specs), AdapterConfigError, "branch mode cannot apply this adapter:")
         self.dropout = LoraDropout(self.adapters.slots, [AdapterSet(r).slots for r in reserve])  # see dropout
         self.multiplier, self.enabled = 1.0, True
         self.generation = 0  # settings and adapters: bumped by every update

@@ -1,0 +1,153 @@
+"""LoRA on transformers 5 fused 3-D expert parameters (Mixtral, Qwen3-MoE), PEFT as the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.errors import AdapterConfigError, GraphRewriteError, ModelMismatchError
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+VOCAB = 64
+
+
+def tiny(family: str, impl: str = "grouped_mm", seed: int = 0) -> torch.nn.Module:
+    """A 2-layer model with 8 experts, top-2, hidden 32, in fp32."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=8, **common))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=8, moe_intermediate_size=48, head_dim=8, decoder_sparse_step=1, **common))
+    model.set_experts_implementation(impl)
+    return model.eval()
+
+
+def peft_adapter(model: torch.nn.Module, tmp_path, name: str = "a", seed: int = 1, **kw):
+    """(PEFT model over ``model``, the adapter's directory): q / v projections and both expert parameters."""
+    torch.manual_seed(seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMS,
+               init_lora_weights=False)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**{**cfg, **kw}))
+    path = tmp_path / name
+    pm.save_pretrained(path)
+    return pm, path
+
+
+def peft_logits(pm, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return pm(ids).logits
+
+
+def compiled_logits(model, be, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.compile(model, backend=be, dynamic=False)(ids).logits
+
+
+def test_loads_each_experts_pair_as_peft_lays_it_out(tmp_path):
+    model = tiny("mixtral")
+    pm, path = peft_adapter(model, tmp_path, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6},
+                            use_rslora=True)
+    ad = lora_fx.load_adapter(path)
+    for layer in range(2):
+        experts = f"model.layers.{layer}.mlp.experts"
+        outer = pm.base_model.model.model.layers[layer].mlp.experts  # PEFT nests: down_proj's wrapper outside
+        for name, wrapper in (("gate_up_proj", outer.base_layer), ("down_proj", outer)):
+            w = ad.modules[f"{experts}.{name}"]
+            assert (w.experts, w.param, w.rank) == (8, name, 2 if name == "down_proj" else 4)
+            torch.testing.assert_close(w.delta_weight(), wrapper.get_delta_weight("default"), atol=1e-6, rtol=1e-5)
+    ad.check(pm.unload())
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    model = tiny("mixtral")
+    pm, path = peft_adapter(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    want = peft_logits(pm, ids)
+    lora_fx.load_adapter(path).save(tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(pm.unload(), tmp_path / "again")
+    torch.testing.assert_close(peft_logits(again, ids), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fold_equals_peft_at_decode_and_prefill(tmp_path, family, impl, inplace):
+    model = tiny(family, impl)
+    pm, path = peft_adapter(model, tmp_path)
+    ids = {n: torch.randint(0, VOCAB, (2, n)) for n in (1, 9)}
+    want = {n: peft_logits(pm, x) for n, x in ids.items()}
+    base = pm.unload()
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold", inner="aot_eager", inplace=inplace)
+    for n, x in ids.items():
+        torch.testing.assert_close(compiled_logits(base, be, x), want[n], atol=1e-4, rtol=1e-4)
+    assert be.unseen_modules() == []
+
+
+@pytest.mark.inductor
+def test_fold_equals_peft_under_inductor(tmp_path):
+    model = tiny("mixtral", "grouped_mm")
+    pm, path = peft_adapter(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    want = peft_logits(pm, ids)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold")
+    torch.testing.assert_close(compiled_logits(pm.unload(), be, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_swaps_to_an_adapter_of_another_rank_without_recompiling(tmp_path):
+    model = tiny("qwen3_moe")
+    pm, path = peft_adapter(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    want_a = peft_logits(pm, ids)
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                        target_parameters=EXPERT_PARAMS, init_lora_weights=False))
+    pm.set_adapter("b")
+    want_b = peft_logits(pm, ids)
+    pm.save_pretrained(tmp_path / "both")
+    base = pm.unload()
+    with torch.no_grad():
+        want_off = base(ids).logits
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold", inner="aot_eager")
+    f = torch.compile(base, backend=be, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(f(ids).logits, want_a, atol=1e-4, rtol=1e-4)
+        be.swap(lora_fx.load_adapter(tmp_path / "both" / "b"))
+        torch.testing.assert_close(f(ids).logits, want_b, atol=1e-4, rtol=1e-4)
+        with be.disabled():
+            plain = f(ids).logits
+    torch.testing.assert_close(plain, want_off, atol=1e-5, rtol=1e-5)
+    assert len(be.reports) == 1, "swap and disable reuse the compiled graph"
+
+
+def test_branch_mode_on_expert_parameters_is_refused_by_name(tmp_path):
+    _, path = peft_adapter(tiny("mixtral"), tmp_path)
+    with pytest.raises(AdapterConfigError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: .*branch mode.*"
+                                                 r"use mode='fold'"):
+        lora_fx.backend(lora_fx.load_adapter(path), mode="branch")
+
+
+def test_the_eager_experts_loop_is_refused_by_name(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "eager"), tmp_path)
+    base = pm.unload()
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold", inner="aot_eager")
+    with pytest.raises(GraphRewriteError, match=r"experts\.down_proj: MixtralExperts computes with experts "
+                                                r"implementation 'eager'.*set_experts_implementation\('grouped_mm'\)"):
+        compiled_logits(base, be, torch.randint(0, VOCAB, (1, 4)))
+
+
+def test_transposed_expert_layout_and_other_expert_counts_are_refused(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral"), tmp_path)
+    base = pm.unload()
+    ad = lora_fx.load_adapter(path)
+    base.model.layers[0].mlp.experts.is_transposed = True
+    base.model.layers[1].mlp.experts.down_proj = torch.nn.Parameter(torch.zeros(4, 32, 48))
+    with pytest.raises(ModelMismatchError) as e:
+        ad.check(base)
+    assert "model.layers.0.mlp.experts.gate_up_proj: MixtralExperts stores its experts transposed" in str(e.value)
+    assert "model.layers.1.mlp.experts.down_proj: expected 4 experts' LoRA" in str(e.value)
