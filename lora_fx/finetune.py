@@ -27,6 +27,7 @@ from .config import LoraConfig
 from .distributed import ATTACHED, _full
 from .errors import AdapterConfigError, raise_if
 from .loading import init_adapter
+from .quantized import module_format
 
 CHECKPOINT_FILE = "model.safetensors"  # the name Trainer's resume_from_checkpoint loads a model's state dict from
 
@@ -41,6 +42,7 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
     the forward is compiled with ``lora_fx.backend(adapter, mode="branch", **backend_kwargs)``
     (``model.compile``: calls to ``model(...)`` run the compiled forward). The backend is
     ``model.lora_fx_backend``; ``model.save_pretrained(dir, **kwargs)`` writes the trained adapter.
+    A quantized base is prepared as PEFT trains it (:func:`prepare_quantized_base`).
 
     Args:
         model: the base model (a ``transformers.PreTrainedModel`` to hand to ``Trainer``).
@@ -77,10 +79,29 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
     for p in base:
         p.requires_grad_(False)
     be.parameters()  # A and B: gradients on
+    prepare_quantized_base(model)
     model.lora_fx_backend = be
     model.save_pretrained = types.MethodType(save_adapter, model)
     model.compile(backend=be)
     return model
+
+
+def prepare_quantized_base(model: torch.nn.Module) -> None:
+    """A quantized base (bitsandbytes 4-bit / 8-bit, torchao) trains as ``get_peft_model`` trains it.
+
+    Its input embeddings' output requires grad (``enable_input_require_grads``, as PEFT's
+    ``prepare_model_for_kbit_training`` does): a graph traced over a frozen model holds each
+    quantized kernel's inference path, which has no backward, and the gradients of the A / B
+    before it would be lost (the compiled call refuses to train through it). A transformers model
+    is marked as carrying trainable adapters (``_hf_peft_config_loaded``, what transformers sets
+    when it loads an adapter): ``Trainer`` refuses a quantized model without one. A dense model
+    is left as it is."""
+    if not any(module_format(m) for m in model.modules()):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if getattr(model, "is_quantized", False):
+        model._hf_peft_config_loaded = True
 
 
 def untrained_problems(adapter: Adapter) -> list[str]:

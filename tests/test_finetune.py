@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lora_fx
+import lora_fx.eager
 from tests.cases import VOCAB, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -24,11 +25,11 @@ def _dataset(n: int = 8, length: int = 10) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": x, "labels": x.clone()} for x in ids]
 
 
-def _train(model: torch.nn.Module, out: str, resume: str | None = None) -> transformers.Trainer:
+def _train(model: torch.nn.Module, out: str, resume: str | None = None, **kwargs) -> transformers.Trainer:
     args = transformers.TrainingArguments(
         output_dir=out, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_steps=5,
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.25, logging_steps=1,
-        save_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        save_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0, **kwargs)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset())
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -148,3 +149,68 @@ def test_for_training_refuses_a_peft_initialisation_it_cannot_reproduce():
         lora_fx.for_training(tiny_model("llama"), config)
     with pytest.raises(TypeError, match="adapter_or_config"):
         lora_fx.for_training(tiny_model("llama"), {"r": 2})
+
+
+@pytest.fixture
+def eager_calls(monkeypatch) -> list[str]:
+    """Targeted modules that ran outside the compiled graphs (the eager guard's slow exact fallback)."""
+    calls, original = [], lora_fx.eager.eager_update
+    monkeypatch.setattr(lora_fx.eager, "eager_update", lambda m, *a: calls.append(type(m).__name__) or original(m, *a))
+    return calls
+
+
+def test_gradient_checkpointing_trains_as_peft(runs, tmp_path, eager_calls):
+    """TrainingArguments(gradient_checkpointing=True): transformers checkpoints each layer (each
+    becomes a subgraph of the compiled graph) and hooks the embeddings' output to require grad."""
+    pm = peft.get_peft_model(copy.deepcopy(runs["base"]), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    peft.set_peft_model_state_dict(pm, runs["start"])
+    theirs = _train(pm, str(tmp_path / "peft"), gradient_checkpointing=True)
+    model = lora_fx.for_training(copy.deepcopy(runs["base"]), copy.deepcopy(runs["adapter"]), inner="aot_eager")
+    ours = _train(model, str(tmp_path / "lora_fx"), gradient_checkpointing=True)
+    assert model.is_activation_checkpointing and not getattr(model, "_hf_peft_config_loaded", False)
+    torch.testing.assert_close(_logged(ours, "loss"), _logged(theirs, "loss"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logged(ours, "grad_norm"), _logged(theirs, "grad_norm"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logged(ours, "loss"), _logged(runs["trainer"], "loss"), rtol=1e-5, atol=1e-5)
+    assert eager_calls == []
+
+
+def _nf4_llama(directory) -> torch.nn.Module:
+    """A tiny Llama loaded 4-bit (NF4, fp32 compute, CPU) by transformers, as QLoRA bases are loaded."""
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_compute_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(directory), quantization_config=qc, device_map="cpu",
+                                                             dtype=torch.float32).train()
+
+
+def test_qlora_over_a_bitsandbytes_4bit_base_trains_as_peft(tmp_path, eager_calls):
+    """for_training over a 4-bit base passes Trainer's refusal of a purely quantized model (it marks
+    the model as carrying adapters) and hooks the embeddings' output to require grad (the graph then
+    traces bitsandbytes' differentiable path), as PEFT trains it. Both run bitsandbytes' own 4-bit
+    matmul over the same packed weights, training before any inference call (the repack trap):
+    compared at 1e-5, as the dense runs."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(  # 64 wide: bitsandbytes' 64-element blocks
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(tmp_path / "dense")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                             init_lora_weights=False, lora_dropout=0.0)
+    pm = peft.get_peft_model(_nf4_llama(tmp_path / "dense"), config)
+    pm.save_pretrained(str(tmp_path / "start"))
+    theirs = _train(pm, str(tmp_path / "peft"))
+    model = lora_fx.for_training(_nf4_llama(tmp_path / "dense"), lora_fx.load_adapter(str(tmp_path / "start")),
+                                 inner="aot_eager")
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, bnb.nn.Params4bit)
+    assert model.is_quantized and model._hf_peft_config_loaded
+    ours = _train(model, str(tmp_path / "lora_fx"))
+    torch.testing.assert_close(_logged(ours, "loss"), _logged(theirs, "loss"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logged(ours, "grad_norm"), _logged(theirs, "grad_norm"), rtol=1e-5, atol=1e-5)
+    trained = model.lora_fx_backend.trained_adapter().state_dict()
+    torch.testing.assert_close(trained, _peft_state(pm), rtol=1e-5, atol=1e-5)
+    assert eager_calls == []
+    loaded = peft.PeftModel.from_pretrained(_nf4_llama(tmp_path / "dense"), str(tmp_path / "lora_fx" / "checkpoint-5"))
+    ids = _dataset(1)[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, loaded.eval()(ids).logits, rtol=1e-4, atol=1e-4)
