@@ -67,6 +67,9 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
     quick = not state.inplace
     replaced = [(d.key, refs[0]) for d, refs in derived if d.kind == "override"]  # modules_to_save, saved biases
     bases = [(d.key, refs) for d, refs in derived if d.kind != "override"]
+    # parameters the graph reads through a substitution without giving them PEFT's gradient: a
+    # backward through it is refused (training A / B through it is refused at the call)
+    untrained = done.untrained + [(_replaced_problem(key), ref) for key, ref in replaced]
     merges = [inplace.EPOCH[0]]  # in-place folds made anywhere: checked again after a new one
 
     def refuse_merged(args: Sequence[Any]) -> None:
@@ -82,6 +85,8 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
                 _refuse_training(no_backward)
             _refuse_training_repacked(repacked)
             _refuse_training_replaced([key for key, ref in replaced if resolve((ref,), args)[0].requires_grad])
+        refused = [why for why, ref in untrained if resolve((ref,), args)[0].requires_grad] \
+            if untrained and torch.is_grad_enabled() else []
         with state.lock:
             if merges[0] != inplace.EPOCH[0]:
                 refuse_merged(args)
@@ -113,7 +118,9 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
                 computed_by_graph(eager.modules(table.modules))
             if dropped:
                 args = [a for i, a in enumerate(args) if i not in dropped]
-            return compiled(*args, *tensors)
+            out = compiled(*args, *tensors)
+        _refuse_backward(out, refused)
+        return out
 
     return run
 
@@ -127,12 +134,31 @@ def _refuse_training(fqns: Sequence[str]) -> None:
                "prepare_model_for_kbit_training does), or run inference under torch.no_grad():")
 
 
+def _replaced_problem(path: str) -> str:
+    return (f"{path}: the adapter's tensor (modules_to_save, or a saved bias) replaces this parameter in the "
+            "graph, and lora_fx trains only A and B, so neither it nor the model's own parameter would learn "
+            "(PEFT trains its copy)")
+
+
 def _refuse_training_replaced(paths: Sequence[str]) -> None:
-    raise_if([f"{path}: the adapter's tensor (modules_to_save, or a saved bias) replaces this parameter in the "
-              "graph, and lora_fx trains only A and B, so neither it nor the model's own parameter would learn "
-              "(PEFT trains its copy)" for path in paths], GraphRewriteError,
+    raise_if([_replaced_problem(path) for path in paths], GraphRewriteError,
              "cannot train through this graph: freeze these parameters (requires_grad_(False)) to train A and B "
              "alone, or train this adapter with PEFT:")
+
+
+def _refuse_backward(out: Any, problems: list[str]) -> None:
+    """A backward that reaches ``out`` raises, naming the parameters it would leave without PEFT's
+    gradient: the forward (an inference call that merely did not turn gradients off) runs."""
+    if not problems:
+        return
+
+    def refuse(grad: torch.Tensor) -> None:
+        raise GraphRewriteError(problems, header="cannot train through this graph: these parameters require "
+                                "grad and would not get PEFT's gradient; freeze them (requires_grad_(False)):")
+
+    for t in torch.utils._pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            t.register_hook(refuse)
 
 
 def _batch_size(batch: Any, args: Sequence[Any]) -> int:

@@ -21,7 +21,7 @@ from torch import fx
 
 from . import graph as g
 from .inputs import GraphInputs
-from .quantized import module_format
+from .quantized import module_format, quant_format
 from .state import LoraState
 from .tensors import address
 
@@ -246,3 +246,42 @@ def _conv_site_problems(s: g.Site, spec: Any, state: LoraState, modules: dict[st
         p.append(f"{s.fqn}: mixed-adapter batches over a convolution are not supported; serve one adapter per "
                  "batch (swap) or leave this module out of the adapters")
     return p
+
+
+def fold_trained_bases(sites: list[g.Site], inputs: GraphInputs,
+                       state: LoraState) -> tuple[dict[int, tuple[str, ...]], list[tuple[str, Any]]]:
+    """Fold mode, a graph traced with gradients on: per site, the base tensors (roles "weight",
+    "bias") that require grad and get W''s gradient (``passes.fold``: dW'/dW = 1); and for those
+    that would not get PEFT's gradient that way, the problem with where a call finds the tensor
+    (a backward through the graph is then refused: see ``call.bind``)."""
+    trained: dict[int, tuple[str, ...]] = {}
+    untrained: list[tuple[str, Any]] = []
+    for s in sites:
+        spec = state.layout.specs[s.fqn]
+        nodes = {role: s.scope.top(n) for role, n in (("weight", s.weight), ("bias", s.bias)) if n is not None}
+        roles = tuple(r for r, n in nodes.items() if getattr(inputs.value(n), "requires_grad", False))
+        why = _fold_gradient_problem(spec, state.inplace, quant_format(inputs.value(nodes["weight"])), roles)
+        if why is None:
+            trained[id(s)] = roles
+            continue
+        untrained += [(f"{s.fqn}.{role}: {why}", inputs.ref(nodes[role])) for role in roles]
+    return trained, untrained
+
+
+def _fold_gradient_problem(spec: Any, inplace: bool, fmt: str | None, roles: tuple[str, ...]) -> str | None:
+    """Why W' + (W - W.detach()) would not give a module's trained base PEFT's gradient, if it would not."""
+    if not roles:
+        return None
+    if inplace:
+        return ("fold in place merges B A into the model's own tensor, so training it would train the merged "
+                "weight; use inplace=False")
+    if "weight" not in roles:
+        return None
+    if spec.dora:
+        return ("DoRA folds W' = m / ||W + s B A|| (W + s B A), and PEFT's gradient of W is scaled per row by "
+                "m / ||W + s B A||, which the folded graph does not give; use mode='branch'")
+    if spec.groups > 1:
+        return "a grouped conv folds into a dense kernel, not the grouped one PEFT trains; use mode='branch'"
+    if fmt is not None:
+        return f"its weight is {fmt}, folded and quantized again, which has no gradient; use mode='branch'"
+    return None

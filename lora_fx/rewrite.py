@@ -30,6 +30,7 @@ from .collect import (
     _split_modules,
     _traced_without_gradient,
     attribute,
+    fold_trained_bases,
     owners_of,
     param_names,
 )
@@ -113,6 +114,7 @@ class Rewritten:
     no_backward: list[str] = field(default_factory=list)  # see _traced_without_gradient
     owned: list[tuple[int, set[str], bool]] = field(default_factory=list)  # see _owned_weights
     added: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> role -> tensor added
+    untrained: list[tuple[str, Any]] = field(default_factory=list)  # see collect.fold_trained_bases
 
 
 def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fuse_tokens: int = 0, *,
@@ -256,8 +258,10 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
 
     before = len(inputs.values)
     batch = None
+    untrained: list[tuple[str, Any]] = []
     if state.mode == "fold":
-        report.sites = fold_lora_weights(chosen, nodes)
+        trained, untrained = fold_trained_bases(chosen, inputs, state) if torch.is_grad_enabled() else ({}, [])
+        report.sites = fold_lora_weights(chosen, nodes, lambda s: trained.get(id(s), ()))
     elif state.mixed:
         for s in chosen:
             t = nodes(s)
@@ -285,7 +289,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
     for graph_module in touched.values():
         graph_module.graph.lint()
         graph_module.recompile()
-    return Rewritten(report, derived, batch, no_backward, owned, added)
+    return Rewritten(report, derived, batch, no_backward, owned, added, untrained)
 
 
 def rewrite(gm: fx.GraphModule | Any, cfg: RewriteConfig) -> RewriteReport | Any:

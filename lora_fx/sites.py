@@ -5,6 +5,7 @@ forms); :func:`site_kind` says which ops are sites.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,9 +105,11 @@ class Site:
                 "max_norm": args[3] if len(args) > 3 else kw.get("max_norm"),
                 "scale_grad_by_freq": args[5] if len(args) > 5 else kw.get("scale_grad_by_freq", False)}
 
-    def set_weight(self, new: fx.Node) -> None:
-        if self.kind == "param":  # every op that reads the parameter reads ``new``
-            self.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    def set_weight(self, new: fx.Node, keep: Collection[fx.Node] = ()) -> None:
+        """The op reads ``new`` as its weight; "param": every op that reads the parameter does,
+        but ``new`` and ``keep`` (nodes that compute ``new`` from it)."""
+        if self.kind == "param":
+            self.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in keep)
             return
         idx = 2 if self.kind == "conv1d" else 0 if self._is_aten_embedding else 1
         self.node.update_arg(idx, new)
