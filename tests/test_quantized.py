@@ -463,6 +463,10 @@ def test_training_through_a_repacked_4bit_weight_is_refused(tmp_path, dense_dir)
     ids = example_ids(seq=6)
     with torch.no_grad():
         model(input_ids=ids)  # an evaluation first: bitsandbytes repacks every 4-bit weight
+    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+              if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    if not any(packed):  # bitsandbytes repacks only for its AVX512-BF16 kernel
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks a 4-bit weight here")
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)

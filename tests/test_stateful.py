@@ -7,6 +7,7 @@ gets the same edits (never from the backend under test)."""
 import copy
 import dataclasses
 
+import pytest
 import torch
 from cases import example_ids, examples, tiny_model
 from hypothesis import HealthCheck, settings
@@ -240,9 +241,12 @@ class MixedLifecycle(Settings):
     @rule(rows=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=3), beams=st.integers(1, 2),
           seq=st.integers(2, 8))
     def select(self, rows, beams, seq):
-        self.be.select(rows)
+        self.be.select(rows, beams=beams)
         self.rows = rows
         self.ids = example_ids(batch=len(rows) * beams, seq=seq, seed=seq)
+        if beams > 1:  # a batch of another size than the declared rows x beams is refused, never guessed
+            with pytest.raises(lora_fx.SwapError, match="expected"), torch.no_grad():
+                self.compiled(input_ids=example_ids(batch=len(rows) * beams + 1, seq=seq))
 
     @rule(slot=st.sampled_from(["a", "b"]), name=st.sampled_from(NAMES))
     def swap_slot(self, slot, name):
