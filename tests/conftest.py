@@ -13,6 +13,12 @@ settings.register_profile("lora_fx", deadline=None, derandomize=True, print_blob
 settings.register_profile("thorough", deadline=None, derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lora_fx"))
 
+# The README's command runs the suite on pytest-xdist workers, one per core: each worker computes on
+# one thread so that the workers do not contend for the cores (results are the same at the tests'
+# tolerances).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
