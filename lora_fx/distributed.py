@@ -105,6 +105,11 @@ class Distributed:
                             "train; its W' follows the base weight wherever it lives)")
         for fqn in self._own:
             spec, mod = self.layout.specs[fqn], modules.get(fqn)
+            if spec.experts:
+                problems.append(f"{fqn}: LoRA on a 3-D expert parameter cannot be attached yet (each parameter of the "
+                                "experts module would need its own lora_fx_A / lora_fx_B); train it with "
+                                "be.parameters() on an unwrapped model, without for_training or FSDP2")
+                continue
             if mod is None:
                 problems.append(f"{fqn}: the model has no such module")
                 continue

@@ -23,9 +23,12 @@ the one before ``<fqn>.base_layer.lora_A.weight``, and so on. An adapter does no
 order; the loader takes transformers' (``gate_up_proj`` / ``up_proj`` / ``gate_proj`` before
 ``down_proj``) and :func:`expert_problems` checks it against the model.
 
-lora_fx keys such a LoRA by the parameter's full name (``LoraWeights.experts`` = E), folds it into
-W' (every experts implementation reads the parameter: the eager loop, ``grouped_mm``,
-``batched_mm``), and refuses branch mode for it (see :func:`branch_problems`).
+lora_fx keys such a LoRA by the parameter's full name (``LoraWeights.experts`` = E). Fold mode
+folds it into W' (every experts implementation reads the parameter: the eager loop, ``grouped_mm``,
+``batched_mm``). Branch mode holds A (E, R, in) and B (E, out, R) (:func:`padded_expert_ab`) and
+adds ``(x A_e^T) B_e^T * scale`` to the rows routed to expert e only, inside ``batched_mm``'s bmm
+and ``grouped_mm``'s grouped matmul (see :mod:`lora_fx.passes.experts`); mixed-adapter batches
+are refused (:func:`mixed_problems`).
 """
 
 from __future__ import annotations
@@ -110,15 +113,32 @@ def nesting_problems(paths: dict[str, str], modules: dict[str, torch.nn.Module])
     return problems
 
 
-def branch_problems(specs: dict) -> list[str]:
-    """Branch mode on 3-D expert parameters: refused. The branch would add B_e A_e to the whole
-    (E, out, in) parameter at every call (a dense delta over every expert), where the routed form
-    computes (x_e A_e^T) B_e^T for the rows each expert receives; lora_fx does not rewrite the
-    experts' computation yet, so it refuses rather than run the dense form."""
-    return [f"{fqn}: LoRA on a 3-D expert parameter ({spec.experts} experts) in branch mode: lora_fx would have to "
-            "add a dense (experts, out, in) delta at every call instead of each expert's low-rank update on the "
-            "tokens routed to it; use mode='fold' (W' per expert, exact with the grouped_mm and batched_mm experts "
-            "implementations)"
+def padded_expert_ab(ws: list, rank: int, experts: int, shape: tuple[int, int],
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch mode's A (E, R, in) and B (E, out, R) of the summed expert LoRAs ``ws``, side by side
+    along the rank and zero-padded to ``rank``; ``shape``: (out, in)."""
+    out_f, in_f = shape
+    a, b = torch.zeros(experts, rank, in_f, dtype=dtype), torch.zeros(experts, out_f, rank, dtype=dtype)
+    at = 0
+    for w in ws:
+        a[:, at:at + w.rank], b[:, :, at:at + w.rank] = expert_factors(w.lora_a, w.lora_b, experts)
+        at += w.rank
+    return a, b
+
+
+def peft_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`expert_factors`: per-expert A (E, r, in) and B (E, out, r) as PEFT's
+    lora_A (r * E, in) and lora_B (out, r * E)."""
+    experts, rank = a.shape[:2]
+    return a.reshape(experts * rank, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)
+
+
+def mixed_problems(specs: dict) -> list[str]:
+    """Mixed-adapter batches with LoRA on 3-D expert parameters: refused (each row would need its
+    own adapter's A_e / B_e gathered per routed row; lora_fx does not build that yet)."""
+    return [f"{fqn}: LoRA on a 3-D expert parameter ({spec.experts} experts) in a mixed-adapter batch: lora_fx "
+            "applies expert LoRA for one adapter per batch; serve one adapter per batch (swap), or leave the expert "
+            "parameters out of the adapters you mix"
             for fqn, spec in specs.items() if getattr(spec, "experts", 0)]
 
 
@@ -157,6 +177,11 @@ def module_of(fqn: str, spec: object) -> str:
 TRACEABLE = ("grouped_mm", "batched_mm")
 
 
+def implementation(mod: torch.nn.Module | None) -> str | None:
+    """The experts implementation a transformers experts module computes with (None: not known)."""
+    return getattr(getattr(mod, "config", None), "_experts_implementation", None)
+
+
 def implementation_problems(specs: dict, modules: dict[str, torch.nn.Module]) -> list[str]:
     """Expert parameters whose module computes with an experts implementation lora_fx cannot
     reach: transformers' eager loop (``experts_implementation="eager"``, the default) breaks
@@ -167,7 +192,7 @@ def implementation_problems(specs: dict, modules: dict[str, torch.nn.Module]) ->
         mod = modules.get(module_of(fqn, spec)) if getattr(spec, "experts", 0) else None
         if mod is None:
             continue
-        impl = getattr(getattr(mod, "config", None), "_experts_implementation", None)
+        impl = implementation(mod)
         if impl not in TRACEABLE:
             why = ("its loop over the experts runs outside the compiled graphs (dynamo breaks the graph at the "
                    "loop's nonzero), where the adapter cannot reach" if impl in (None, "eager")

@@ -35,9 +35,17 @@ from .collect import (
     param_names,
 )
 from .errors import GraphRewriteError, raise_if
+from .experts import implementation, module_of
 from .inplace import merged_by_other, merged_problem
 from .inputs import HOLDER, ExportInputs, GraphInputs, ModuleInputs
-from .passes import fold_lora_weights, insert_lora_branches, insert_mixed_lora_branch, substitute_tensors
+from .passes import (
+    fold_lora_weights,
+    insert_expert_branches,
+    insert_lora_branches,
+    insert_mixed_lora_branch,
+    substitute_tensors,
+)
+from .passes.experts import expert_branch_problems
 from .passes.mixed import batched_input
 from .quantized import quant_format
 from .state import Derived, LoraState
@@ -196,6 +204,9 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
                             "inplace=False (W' is then a separate tensor) or mode='branch'")
         if s.kind == "module":
             continue  # its input and output widths were checked where it was found
+        if s.kind == "param" and spec.experts and state.mode == "branch":
+            impl = implementation(modules.get(module_of(s.fqn, spec)))
+            problems += expert_branch_problems(s, impl, spec.dtype, state.layout.rank)
         if s.kind == "param" and state.mixed:
             problems.append(f"{s.fqn}.{spec.param}: mixed-adapter batches cannot merge several adapters into one "
                             "parameter; serve one adapter per batch (swap)")
@@ -273,8 +284,11 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         report.sites = len(chosen)
     else:
         pointwise = {s.fqn for s in chosen if s.kind == "linear" and formats.get(s.fqn)}  # torchao weights
-        report.sites = insert_lora_branches(chosen, lambda s: (nodes(s), specs[s.fqn].dtype, ranks[id(s)]),
-                                            fuse_tokens, pointwise)
+        experts = [s for s in chosen if s.kind == "param" and specs[s.fqn].experts]  # 3-D expert parameters
+        report.sites = insert_lora_branches([s for s in chosen if all(s is not e for e in experts)],
+                                            lambda s: (nodes(s), specs[s.fqn].dtype, ranks[id(s)]), fuse_tokens,
+                                            pointwise)
+        report.sites += insert_expert_branches(experts, lambda s: (nodes(s), specs[s.fqn].dtype), state.layout.rank)
     report.added_inputs = len(inputs.values) - before + len(replacements)
     no_backward = [] if state.mode == "fold" else _traced_without_gradient(gm, chosen)
     for s in chosen:

@@ -34,7 +34,7 @@ from .derived import Builders, Derived, stamp
 from .distributed import ATTACHED, Distributed
 from .dropout import LoraDropout
 from .errors import AdapterConfigError, SwapError, raise_if
-from .experts import branch_problems
+from .experts import mixed_problems
 from .inplace import InPlaceFold
 from .originals import OriginalStore
 from .quantized import quant_format
@@ -68,8 +68,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
             raise SwapError("mixed-adapter batches: expected mode='branch', found mode='fold' "
                             "(one folded weight cannot hold several adapters)")
         self.layout = Layout.of(self.adapters, max_rank, reserve)
-        if mode == "branch":
-            raise_if(branch_problems(self.layout.specs), AdapterConfigError, "branch mode cannot apply this adapter:")
+        if self.mixed:
+            raise_if(mixed_problems(self.layout.specs), AdapterConfigError, "cannot serve these adapters in one batch:")
         self.dropout = LoraDropout(self.adapters.slots, [AdapterSet(r).slots for r in reserve])  # see dropout
         self.multiplier, self.enabled = 1.0, True
         self.generation = 0  # settings and adapters: bumped by every update
@@ -246,6 +246,7 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         variant = "DoRA" if spec.dora else "rsLoRA" if rslora else "LoRA"
         ranks = "+".join(str(w.rank) for w in ws) or "0"
         mode = "mixed-batch branch" if self.mixed else self.mode
+        kind = f"{spec.experts} experts" if spec.experts else kind
         return f"{mode} {kind} r={ranks} {variant}" + (" +bias" if spec.lora_bias else "")
 
 

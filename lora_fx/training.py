@@ -15,6 +15,7 @@ import torch
 from .adapter import Adapter, LoraWeights, regrouped
 from .distributed import _copy_full, _full
 from .errors import AdapterConfigError, SwapError, raise_if
+from .experts import padded_expert_ab, peft_layout
 from .tensors import (
     padded_ab,
 )
@@ -26,6 +27,8 @@ class Weights:
     def _initial_ab(self, fqn: str, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of ``slots`` as the adapters hold them (stacked behind a zero slot when mixed)."""
         spec, rank = self.layout.specs[fqn], self.layout.rank
+        if spec.experts:  # (E, R, in), (E, out, R); never mixed (see experts.mixed_problems)
+            return padded_expert_ab(self.adapters.weights(0, fqn), rank, spec.experts, spec.shape, spec.dtype)
         pairs = [padded_ab(self.adapters.weights(k, fqn), rank, spec.shape, spec.kernel, spec.dtype, spec.embedding)
                  for k in slots]
         if not self.mixed:
@@ -106,11 +109,15 @@ class Weights:
             for fqn, w in adapter.modules.items():
                 t, at = self.trainable[fqn], offsets[fqn]
                 full_a, full_b = _full(t["lora_a"]), _full(t["lora_b"])
+                offsets[fqn] = at + w.rank
+                if w.experts:  # (E, R, in) / (E, out, R) back to PEFT's (r * E, in) / (out, r * E)
+                    a, b = peft_layout(full_a[:, at:at + w.rank], full_b[:, :, at:at + w.rank])
+                    mods[fqn] = dataclasses.replace(w, lora_a=a.detach().cpu().clone(), lora_b=b.detach().cpu().clone())
+                    continue
                 a = full_a.T if w.embedding else full_a
                 b = regrouped(full_b[:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
                                                 lora_b=b.detach().cpu().clone())
-                offsets[fqn] = at + w.rank
             out.append(dataclasses.replace(adapter, modules=mods))
         return out
 
@@ -123,6 +130,11 @@ class Weights:
         if self.mode == "branch":
             t, at, live = self.trainable[fqn], 0, []
             for w in ws:
+                if w.experts:
+                    a, b = peft_layout(t["lora_a"][:, at:at + w.rank], t["lora_b"][:, :, at:at + w.rank])
+                    live.append(dataclasses.replace(w, lora_a=a.to(device), lora_b=b.to(device)))
+                    at += w.rank
+                    continue
                 a = t["lora_a"].T if w.embedding else t["lora_a"]
                 live.append(dataclasses.replace(w, lora_a=a[at:at + w.rank].to(device),
                                                 lora_b=regrouped(t["lora_b"][:, at:at + w.rank], w.groups).to(device)))

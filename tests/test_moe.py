@@ -15,11 +15,11 @@ EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VOCAB = 64
 
 
-def tiny(family: str, impl: str = "grouped_mm", seed: int = 0) -> torch.nn.Module:
-    """A 2-layer model with 8 experts, top-2, hidden 32, in fp32."""
+def tiny(family: str, impl: str = "grouped_mm", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A model of ``layers`` layers with 8 experts, top-2, hidden 32, in fp32."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64)
     if family == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=8, **common))
     else:
@@ -125,16 +125,153 @@ def test_fold_swaps_to_an_adapter_of_another_rank_without_recompiling(tmp_path):
     assert len(be.reports) == 1, "swap and disable reuse the compiled graph"
 
 
-def test_branch_mode_on_expert_parameters_is_refused_by_name(tmp_path):
+def recording(graphs: list):
+    """An inner compiler that keeps each rewritten graph and runs it with aot_eager."""
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return inner
+
+
+def dense_deltas(gm, experts: int = 8) -> list[str]:
+    """Nodes lora_fx added whose value has an expert parameter's size or more (a dense delta)."""
+    return [n.name for n in gm.graph.nodes if n.meta.get("lora_fx") and isinstance(v := n.meta.get("val"), torch.Tensor)
+            and v.numel() >= experts * 32 * 48]
+
+
+@pytest.mark.parametrize("family, impl", [("qwen3_moe", "batched_mm"), ("mixtral", "grouped_mm")])
+def test_branch_equals_peft_at_decode_and_prefill_without_a_dense_delta(tmp_path, family, impl):
+    model = tiny(family, impl, layers=1)
+    pm, path = peft_adapter(model, tmp_path)
+    ids = {n: torch.randint(0, VOCAB, (2, n)) for n in (1, 9)}
+    want = {n: peft_logits(pm, x) for n, x in ids.items()}
+    base = pm.unload()
+    for n, x in ids.items():
+        with torch.no_grad():
+            assert (want[n] - base(x).logits).abs().max() > 1e-2, "the adapter changes the logits"
+    graphs = []
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner=recording(graphs))
+    for n, x in ids.items():
+        torch.testing.assert_close(compiled_logits(base, be, x), want[n], atol=1e-4, rtol=1e-4)
+    assert be.unseen_modules() == []
+    assert "model.layers.0.mlp.experts.down_proj: branch 8 experts r=4 LoRA" in str(be.reports[0])
+    assert [dense_deltas(gm) for gm in graphs] == [[] for _ in graphs], "only routed rows get the update"
+
+
+@pytest.mark.inductor
+def test_branch_equals_peft_under_inductor(tmp_path):
+    model = tiny("qwen3_moe", "batched_mm", layers=1)
+    pm, path = peft_adapter(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    want = peft_logits(pm, ids)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch")
+    torch.testing.assert_close(compiled_logits(pm.unload(), be, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_branch_swaps_rank_sets_scale_and_disables_without_recompiling(tmp_path):
+    model = tiny("mixtral", "grouped_mm", layers=1)
+    pm, path = peft_adapter(model, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    want_a = peft_logits(pm, ids)
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                        target_parameters=EXPERT_PARAMS, init_lora_weights=False))
+    pm.set_adapter("b")
+    want_b = peft_logits(pm, ids)
+    for m in pm.modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.set_scale("b", 0.5)
+    want_half = peft_logits(pm, ids)
+    pm.save_pretrained(tmp_path / "both")
+    base = pm.unload()
+    with torch.no_grad():
+        want_off = base(ids).logits
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    f = torch.compile(base, backend=be, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(f(ids).logits, want_a, atol=1e-4, rtol=1e-4)
+        be.swap(lora_fx.load_adapter(tmp_path / "both" / "b"))
+        torch.testing.assert_close(f(ids).logits, want_b, atol=1e-4, rtol=1e-4)
+        be.set_scale(0.5)
+        torch.testing.assert_close(f(ids).logits, want_half, atol=1e-4, rtol=1e-4)
+        with be.disabled():
+            plain = f(ids).logits
+    torch.testing.assert_close(plain, want_off, atol=1e-5, rtol=1e-5)
+    assert (want_b - want_half).abs().max() > 1e-2 and (want_half - want_off).abs().max() > 1e-2
+    assert len(be.reports) == 1, "swap, set_scale and disable reuse the compiled graph"
+
+
+def _peft_expert_key(fqn: str, role: str) -> str:
+    """PEFT's parameter name of an expert parameter's lora_A / lora_B (down_proj's wrapper is outside)."""
+    module, _, name = fqn.rpartition(".")
+    return f"base_model.model.{module}.{'base_layer.' if name == 'gate_up_proj' else ''}{role}.default.weight"
+
+
+@pytest.mark.parametrize("family, impl", [("mixtral", "batched_mm"), ("qwen3_moe", "grouped_mm")])
+def test_branch_training_step_equals_peft(tmp_path, family, impl):
+    pm, path = peft_adapter(tiny(family, impl, layers=1), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    pm.train()
+    want = pm(ids, labels=ids).loss
+    want.backward()
+    want_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    want_ab = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    base = pm.unload().requires_grad_(False)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    be.parameters()
+    loss = torch.compile(base, backend=be, dynamic=False)(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    trained = be.trained_adapter().modules
+    checked = 0
+    for fqn, t in be.named_parameters().items():
+        if "experts" not in fqn:
+            continue
+        ga, gb = lora_fx.experts.peft_layout(t["lora_a"].grad, t["lora_b"].grad)  # (r * E, in), (out, r * E)
+        for role, got, weight in (("lora_A", ga, trained[fqn].lora_a), ("lora_B", gb, trained[fqn].lora_b)):
+            key = _peft_expert_key(fqn, role)
+            assert want_grads[key].abs().max() > 1e-4, "the experts' LoRA gets a gradient"
+            torch.testing.assert_close(got, want_grads[key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(weight, want_ab[key], atol=0, rtol=0)  # read back in PEFT's layout
+            checked += 1
+    assert checked == 4
+
+
+def test_mixed_batches_with_expert_lora_are_refused_by_name(tmp_path):
     _, path = peft_adapter(tiny("mixtral"), tmp_path)
-    with pytest.raises(AdapterConfigError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: .*branch mode.*"
-                                                 r"use mode='fold'"):
-        lora_fx.backend(lora_fx.load_adapter(path), mode="branch")
+    ad = lora_fx.load_adapter(path)
+    with pytest.raises(AdapterConfigError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: .*mixed-adapter "
+                                                 r"batch.*serve one adapter per batch"):
+        lora_fx.backend({"a": ad, "b": ad}, mode="branch")
+
+
+def test_branch_on_an_expert_read_it_cannot_rewrite_is_refused_by_name(tmp_path, monkeypatch):
+    pm, path = peft_adapter(tiny("mixtral", "batched_mm", layers=1), tmp_path)
+    base = pm.unload()
+    moe = pytest.importorskip("transformers.integrations.moe")
+    monkeypatch.setattr(moe, "_batched_linear", lambda x, w, bias=None, is_transposed=False:
+                        torch.einsum("soi,si->so", w, x))
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    with pytest.raises(GraphRewriteError, match=r"experts\.gate_up_proj: branch mode .* experts implementation "
+                                                r"'batched_mm' the graph reads it as W\[ids\] read by \['einsum'\].*"
+                                                r"use mode='fold'"):
+        compiled_logits(base, be, torch.randint(0, VOCAB, (1, 4)))
+
+
+def test_expert_lora_cannot_be_attached_for_training_yet(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "batched_mm"), tmp_path)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    with pytest.raises(GraphRewriteError, match=r"experts\.down_proj: LoRA on a 3-D expert parameter cannot be "
+                                                r"attached yet.*be\.parameters\(\)"):
+        be.attach(pm.unload())
 
 
 def test_the_eager_experts_loop_is_refused_by_name(tmp_path):
-    pm, path = peft_adapter(tiny("mixtral", "eager"), tmp_path)
+    pm, path = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path)
     base = pm.unload()
+    branch = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    with pytest.raises(GraphRewriteError, match=r"experts\.gate_up_proj: MixtralExperts computes with experts "
+                                                r"implementation 'eager'.*set_experts_implementation\('grouped_mm'\)"):
+        branch.check(base)
     be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold", inner="aot_eager")
     with pytest.raises(GraphRewriteError, match=r"experts\.down_proj: MixtralExperts computes with experts "
                                                 r"implementation 'eager'.*set_experts_implementation\('grouped_mm'\)"):
