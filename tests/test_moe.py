@@ -236,6 +236,18 @@ def test_branch_training_step_equals_peft(tmp_path, family, impl):
     assert checked == 4
 
 
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+def test_branch_on_an_exported_program_equals_peft(tmp_path, impl):
+    pm, path = peft_adapter(tiny("mixtral", impl, layers=1), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    want = peft_logits(pm, ids)
+    ep = torch.export.export(pm.unload(), (ids,), {"use_cache": False})  # aten ops: index, bmm, transpose
+    new = lora_fx.rewrite(ep, lora_fx.RewriteConfig(lora_fx.load_adapter(path), mode="branch"))
+    assert "model.layers.0.mlp.experts.gate_up_proj: branch 8 experts" in str(new.lora_fx_report)
+    with torch.no_grad():
+        torch.testing.assert_close(new.module()(ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
+
+
 def test_mixed_batches_with_expert_lora_are_refused_by_name(tmp_path):
     _, path = peft_adapter(tiny("mixtral"), tmp_path)
     ad = lora_fx.load_adapter(path)
