@@ -128,7 +128,8 @@ class LoraBackend:
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Name the model the adapter applies to (found from the call stack otherwise) and, in
-        branch mode, make A and B parameters of their modules (``lora_fx_A`` / ``lora_fx_B``).
+        branch mode, make A and B parameters of their modules (``lora_fx_A`` / ``lora_fx_B``; lora_B's
+        bias and DoRA's magnitude: ``lora_fx_B_bias`` / ``lora_fx_magnitude``).
 
         Call it before ``fully_shard``: FSDP2 then shards A and B with their layer and reduces
         their gradients like any parameter; ``be.parameters()`` gives the sharded parameters,
@@ -138,7 +139,7 @@ class LoraBackend:
 
         Raises:
             GraphRewriteError: the model lacks a module the adapter names; it is already sharded;
-                fold mode, mixed batches, DoRA or a grouped conv (see ``LoraState.attach``).
+                fold mode, mixed batches, a grouped conv (see ``LoraState.attach``).
         """
         self.model = model
         self.check(model)
@@ -325,19 +326,25 @@ class LoraBackend:
         adapters = self.state.trained_adapters()
         return adapters[0] if len(adapters) == 1 else adapters
 
-    def parameters(self) -> list[torch.nn.Parameter]:
+    def parameters(self, as_peft: bool = False) -> list[torch.nn.Parameter]:
         """Branch mode's A and B: pass them to an optimizer to train the adapter. Asking for them
         turns their gradients on (until then a forward outside ``no_grad`` builds no autograd
-        graph for them)."""
-        return self.state.parameters()
+        graph for them). ``as_peft``: every parameter PEFT trains for the adapter, lora_B's bias
+        (lora_bias) and DoRA's magnitude too (one adapter set; ``trained_adapter`` reads them back).
 
-    def named_parameters(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        """Module fqn -> {"lora_a": (R, in), "lora_b": (out, R)}, padded to the rank budget R.
+        Raises:
+            AdapterConfigError: ``as_peft`` with summed adapters that each carry a lora_B bias."""
+        return self.state.parameters(as_peft)
+
+    def named_parameters(self, as_peft: bool = False) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """Module fqn -> {"lora_a": (R, in), "lora_b": (out, R)}, padded to the rank budget R;
+        ``as_peft``: with "lora_b_bias" (out,) and "magnitude" (out,) where PEFT trains them.
 
         Embeddings keep A transposed, (vocab, R). Turns their gradients on, as ``parameters``.
         """
-        self.state.parameters()
-        return {fqn: dict(t) for fqn, t in self.state.trainable.items()}
+        self.state.parameters(as_peft)
+        return {fqn: {role: p for role, p in t.items() if as_peft or role in ("lora_a", "lora_b")}
+                for fqn, t in self.state.trainable.items()}
 
 
 def _drop_replaced_subclass_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], read: set) -> set[int]:

@@ -19,6 +19,7 @@ from .tensors import (
     IDENTITY,
     address,
     as_out_in,
+    bias_parts,
     dora_coefficients,
     dora_delta,
     fold_tensors,
@@ -94,6 +95,13 @@ class Builders:
                 t["bias"] = torch.empty(out_f, dtype=weight.dtype, **kw)
             return t
         t = {"scale": torch.empty(*lead, self.layout.rank, dtype=spec.dtype, **kw)}
+        if not self.mixed:  # lora_B's bias and DoRA's magnitude are trained parameters (see tensors)
+            if spec.lora_bias:
+                t["bias_scale"] = torch.empty(1, dtype=spec.dtype, **kw)
+            if spec.dora:
+                t["dora_inv_norm"] = torch.empty(out_f, dtype=weight.dtype, **kw)
+                t["dora_off"] = torch.empty(1, dtype=weight.dtype, **kw)
+            return t
         if spec.lora_bias:
             t["lora_bias"] = torch.empty(*lead, out_f, dtype=spec.dtype, **kw)
         if spec.dora:
@@ -122,13 +130,19 @@ class Builders:
         per_slot = []
         for k in range(self.layout.slots):
             ws = self.adapters.weights(k, d.key) if m else []
-            c = {"scale": rank_scale(ws, rank, m, spec.dtype), "lora_bias": lora_bias(ws, m, spec.shape[0], spec.dtype)}
+            c = {"scale": rank_scale(ws, rank, m, spec.dtype), "lora_bias": lora_bias(ws, m, spec.shape[0], spec.dtype),
+                 "bias_scale": torch.tensor([bias_parts(ws, spec.shape[0], spec.dtype)[1] * m], dtype=spec.dtype)}
             if spec.dora and any(w.magnitude is not None for w in ws):
                 a, b = (ab["lora_a"][k + 1], ab["lora_b"][k + 1]) if self.mixed else (ab["lora_a"], ab["lora_b"])
                 dev = weight.device
                 delta = dora_delta(a, b, c["scale"].to(dev), d.kind, ws[0].rank, spec.groups)
-                c["dora_scale"], c["dora_bias"] = dora_coefficients(
-                    as_out_in(weight, d.kind), bias, delta, ws[0].magnitude.to(dev))
+                if self.mixed:
+                    c["dora_scale"], c["dora_bias"] = dora_coefficients(
+                        as_out_in(weight, d.kind), bias, delta, ws[0].magnitude.to(dev))
+                else:  # the graph multiplies by the trained magnitude
+                    c["dora_inv_norm"] = dora_coefficients(as_out_in(weight, d.kind), None, delta,
+                                                           torch.ones(spec.shape[0], device=dev))[0]
+                    c["dora_off"] = torch.zeros(1, dtype=weight.dtype, device=dev)
             per_slot.append(c)
         for role, t in d.tensors.items():
             values = [c.get(role) for c in per_slot]

@@ -13,7 +13,9 @@ import torch
 from .errors import GraphRewriteError, raise_if
 from .slots import ModuleSpec
 
-ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B"}  # A / B's names on their modules once attached
+# A / B's names on their modules once attached (then lora_B's bias and DoRA's magnitude, where trained)
+ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B", "lora_b_bias": "lora_fx_B_bias",
+            "magnitude": "lora_fx_magnitude"}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,8 @@ class Distributed:
             if not hasattr(w, "device_mesh"):
                 continue
             if not checked:  # a sharded weight: FSDP2's (left alone from now on) or tensor parallel's
+                raise_if([f"{f}: DoRA's norm needs the full A and B on every rank" for f in self.attached
+                          if self.layout.specs[f].dora], GraphRewriteError, "cannot run the attached adapter sharded:")
                 if any(type(m).__name__.startswith("FSDP") for m in self._model.modules()):
                     self._fsdp = True
                     return
@@ -95,8 +99,9 @@ class Distributed:
         (unsharded) tensors. Must come before the model is wrapped.
 
         Raises:
-            GraphRewriteError: fold mode or mixed batches; DoRA or a grouped conv (their
-                derived tensors need the full A / B on every rank); a module already sharded.
+            GraphRewriteError: fold mode or mixed batches; a grouped conv (its derived tensors
+                need the full A / B on every rank; DoRA's too: refused once the model runs sharded);
+                a module already sharded.
         """
 
         problems = []
@@ -113,9 +118,9 @@ class Distributed:
             if mod is None:
                 problems.append(f"{fqn}: the model has no such module")
                 continue
-            if spec.dora or spec.groups > 1:
-                problems.append(f"{fqn}: {'DoRA' if spec.dora else 'a grouped conv'} cannot be attached (its "
-                                "derived tensors need the full A and B on every rank)")
+            if spec.groups > 1:
+                problems.append(f"{fqn}: a grouped conv cannot be attached (its derived tensors need the full A "
+                                "and B on every rank)")
             if any(type(t).__name__ == "DTensor" for t in mod.parameters(recurse=False)) or \
                     type(model).__name__.startswith("FSDP"):
                 problems.append(f"{fqn}: its module is already sharded (FSDP2 / tensor parallel); call "
@@ -124,7 +129,7 @@ class Distributed:
         self._model, self._fsdp = model, False
         for fqn, t in self._own.items():
             mod = modules[fqn]
-            for role, attr in ATTACHED.items():
-                if getattr(mod, attr, None) is not t[role]:
-                    mod.register_parameter(attr, t[role])
+            for role in t:
+                if getattr(mod, ATTACHED[role], None) is not t[role]:
+                    mod.register_parameter(ATTACHED[role], t[role])
             self.attached[fqn] = mod

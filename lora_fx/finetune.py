@@ -37,7 +37,8 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
     """Make ``model`` train a LoRA adapter as ``peft.get_peft_model`` would, compiled by lora_fx.
 
     Every parameter the model has is frozen; the adapter's A and B are registered on their modules
-    (``lora_fx_A`` / ``lora_fx_B``) with gradients on, so ``model.named_parameters()`` and
+    (``lora_fx_A`` / ``lora_fx_B``, with lora_bias ``lora_fx_B_bias``, with DoRA
+    ``lora_fx_magnitude``: what PEFT trains) with gradients on, so ``model.named_parameters()`` and
     ``state_dict()`` hold them and an optimizer over the trainable parameters trains exactly them;
     the forward is compiled with ``lora_fx.backend(adapter, mode="branch", **backend_kwargs)``
     (``model.compile``: calls to ``model(...)`` run the compiled forward). The backend is
@@ -55,8 +56,8 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
         ``model`` itself.
 
     Raises:
-        AdapterConfigError: what PEFT would train and lora_fx does not train yet (DoRA's magnitude,
-            lora_bias, modules_to_save, base biases, dropout), a PEFT initialisation other than the
+        AdapterConfigError: what PEFT would train and lora_fx does not train yet (modules_to_save,
+            base biases), a PEFT initialisation other than the
             default, a mode other than branch, a model prepared already; every problem at once.
         GraphRewriteError / ModelMismatchError: the adapter does not fit the model (``be.attach``).
     """
@@ -78,7 +79,7 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
     be.attach(model)  # checks the model first: a refused model is left as it was
     for p in base:
         p.requires_grad_(False)
-    be.parameters()  # A and B: gradients on
+    be.parameters(as_peft=True)  # A, B, lora_B's bias, DoRA's magnitude: gradients on
     prepare_quantized_base(model)
     model.lora_fx_backend = be
     model.save_pretrained = types.MethodType(save_adapter, model)
@@ -108,10 +109,6 @@ def untrained_problems(adapter: Adapter) -> list[str]:
     """What ``peft.get_peft_model`` would train for ``adapter``'s config that lora_fx's branch
     mode does not train yet (training without them would silently train less than PEFT)."""
     c, p = adapter.config, []
-    if c.use_dora or adapter.is_dora:
-        p.append("use_dora: DoRA's magnitude (lora_magnitude_vector) is not trained yet; train plain LoRA")
-    if c.lora_bias or any(w.bias is not None for w in adapter.modules.values()):
-        p.append("lora_bias: lora_B's bias is not trained yet; use lora_bias=False")
     if c.modules_to_save:
         p.append(f"modules_to_save: {c.modules_to_save} are not trained yet; use modules_to_save=None")
     if c.bias != "none":

@@ -39,7 +39,7 @@ from .inplace import InPlaceFold
 from .originals import OriginalStore
 from .quantized import quant_format
 from .slots import Adapters, AdapterSet, Layout, Selection
-from .training import Weights
+from .training import AB, Weights
 
 
 class LoraState(Distributed, Weights, Builders, InPlaceFold):
@@ -88,7 +88,9 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
             for fqn in self.layout.specs:
                 a, b = self._initial_ab(fqn, range(self.layout.slots))
                 self._own[fqn] = {"lora_a": torch.nn.Parameter(a, requires_grad=False),
-                                  "lora_b": torch.nn.Parameter(b, requires_grad=False)}
+                                  "lora_b": torch.nn.Parameter(b, requires_grad=False),
+                                  **{role: torch.nn.Parameter(t, requires_grad=False)  # lora_B's bias, DoRA's m
+                                     for role, t in self._initial_extras(fqn).items()}}
 
     @property
     def mixed(self) -> bool:
@@ -101,8 +103,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         if not self.attached:
             return self._own
         self._settle()
-        return {fqn: {role: getattr(self.attached[fqn], attr) for role, attr in ATTACHED.items()}
-                for fqn in self._own}
+        return {fqn: {role: getattr(self.attached[fqn], ATTACHED[role]) for role in own}
+                for fqn, own in self._own.items()}
 
     # -- derived tensors ------------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         if d is None:
             if self.mode == "fold" and not self.inplace and quant_format(weight) is not None:
                 self.requantized.add(fqn)  # the rewrite refused it unless requantize was given
-            also = tuple(self.trainable[fqn].values()) if self.mode == "branch" and spec.dora else ()
+            also = tuple(self.trainable[fqn][r] for r in AB) if self.mode == "branch" and spec.dora else ()
             d = Derived(fqn, kind, self._allocate(spec, weight, bias), (weight, bias),
                         watch=self.mode == "fold" or spec.dora, also=also)
             d.owner = self
@@ -129,8 +131,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         self.place(weight.device)
         ab = self.trainable[fqn]
         if fqn in self.attached:
-            for role, attr in ATTACHED.items():
-                self.sources[id(ab[role])] = (ab[role], self.attached[fqn], attr)
+            for role in ab:
+                self.sources[id(ab[role])] = (ab[role], self.attached[fqn], ATTACHED[role])
         if self.dropout.compiled and kind not in ("embedding", "param"):
             return {**ab, **d.tensors, "dropout": self.dropout.tensor(weight.device)}, d
         return {**ab, **d.tensors}, d

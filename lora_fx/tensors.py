@@ -7,9 +7,16 @@ and padded to the rank budget R):
                           convs keep A's kernel, (R, in, *k)
     lora_b     (out, R)   B's columns; convs (out, R, *1), a grouped B made dense
     scale      (R,)       each rank's scale (0 in padding), times the global multiplier
-    lora_bias  (out,)     sum of scale * lora_B.bias                     (lora_bias adapters)
-    dora_scale (out,)     m / ||W + (B * scale) A||, per row             (DoRA)
-    dora_bias  (out,)     (1 - dora_scale) * b                           (DoRA, base bias present)
+    lora_bias  (out,)     sum of scale * lora_B.bias                     (lora_bias, mixed batches)
+    dora_scale (out,)     m / ||W + (B * scale) A||, per row             (DoRA, mixed batches)
+    dora_bias  (out,)     (1 - dora_scale) * b                           (DoRA, base bias, mixed batches)
+
+With one adapter set, lora_B's bias and DoRA's magnitude are trained parameters (``lora_b_bias``,
+``magnitude``: see ``training.Weights``) and the graph computes the terms from them and from
+
+    bias_scale    (1,)    the bias's scale (see bias_parts), times the multiplier
+    dora_inv_norm (out,)  1 / ||W + (B * scale) A|| (detached, as PEFT's); 0 while off
+    dora_off      (1,)    1 while the update is off (the DoRA scale is then 1), else 0
 
 Fold mode, per module: ``weight`` = W + sum(scale * B A) (DoRA: m / ||.|| times that), in the op's
 own layout, and ``bias`` when lora_bias changes it.
@@ -24,7 +31,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .adapter import LoraWeights, regrouped, ungrouped
 
-IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0}  # a coefficient's value when unused
+IDENTITY = {"lora_bias": 0.0, "dora_scale": 1.0, "dora_bias": 0.0, "dora_off": 1.0}  # a coefficient's value when unused
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -97,6 +104,16 @@ def lora_bias(ws: list[LoraWeights], multiplier: float, out_f: int, dtype: torch
         if w.bias is not None:
             total += w.scale * multiplier * w.bias.to(dtype)
     return total
+
+
+def bias_parts(ws: list[LoraWeights], out_f: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """lora_B's bias as branch mode trains it, and the factor the graph scales it by (times the
+    multiplier): the one adapter's bias and its scale, as PEFT trains it; for summed adapters with
+    several, their scale * bias summed and 1 (not trainable as PEFT's); none: zeros."""
+    biased = [w for w in ws if w.bias is not None]
+    if len(biased) == 1:
+        return biased[0].bias.to(dtype).clone(), biased[0].scale
+    return lora_bias(ws, 1.0, out_f, dtype), 1.0
 
 
 def dora_delta(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, kind: str, rank: int = 0,

@@ -17,8 +17,11 @@ from .distributed import _copy_full, _full
 from .errors import AdapterConfigError, SwapError, raise_if
 from .experts import padded_expert_ab, peft_layout
 from .tensors import (
+    bias_parts,
     padded_ab,
 )
+
+AB = ("lora_a", "lora_b")
 
 
 class Weights:
@@ -37,6 +40,21 @@ class Weights:
         a, b = (torch.stack([zero[i]] + [p[i] for p in pairs]) for i in (0, 1))
         return (a.reshape(-1, rank) if spec.embedding else a), b  # embeddings: ((N + 1) * vocab, R)
 
+    def _initial_extras(self, fqn: str) -> dict[str, torch.Tensor]:
+        """What PEFT trains at module ``fqn`` besides A and B, as slot 0's adapters hold it (branch
+        mode, one adapter set): ``lora_b_bias`` (out,), lora_B's bias (see :func:`bias_parts`), and
+        ``magnitude`` (out,), DoRA's (ones without one: the graph's DoRA scale is then 1)."""
+        spec = self.layout.specs[fqn]
+        if self.mode != "branch" or self.mixed:
+            return {}
+        ws, out_f, t = self.adapters.weights(0, fqn), spec.shape[0], {}
+        if spec.lora_bias:
+            t["lora_b_bias"] = bias_parts(ws, out_f, spec.dtype)[0]
+        if spec.dora:
+            m = next((w.magnitude for w in ws if w.magnitude is not None), None)
+            t["magnitude"] = torch.ones(out_f, dtype=spec.dtype) if m is None else m.reshape(-1).to(spec.dtype)
+        return t
+
     def _write_ab(self, slots: Sequence[int]) -> None:
         """Copy the adapters' A and B of ``slots`` into the parameters (a swap; never a settings change)."""
         for fqn, t in self.trainable.items():
@@ -44,6 +62,8 @@ class Weights:
             if not self.mixed:
                 _copy_full(t["lora_a"], a)
                 _copy_full(t["lora_b"], b)
+                for role, v in self._initial_extras(fqn).items():
+                    _copy_full(t[role], v)
                 continue
             spec = self.layout.specs[fqn]
             for i, k in enumerate(slots):
@@ -69,8 +89,9 @@ class Weights:
             self.selection.to(device)
         self.device = device
 
-    def parameters(self) -> list[torch.nn.Parameter]:
+    def parameters(self, as_peft: bool = False) -> list[torch.nn.Parameter]:
         """Branch mode's A and B, module by module; asking for them turns their gradients on.
+        ``as_peft``: every parameter PEFT trains, lora_B's bias and DoRA's magnitude too.
 
         A grouped conv's B is held dense (block-diagonal); its gradient is masked to the blocks, so
         training keeps it grouped, as PEFT's grouped lora_B is."""
@@ -78,7 +99,11 @@ class Weights:
                    if a.config.inference_only]
         raise_if(refused, AdapterConfigError, "cannot train these adapters: their eval forward is LoRA, their "
                  "training is not; lora_fx applies them for inference only:")
-        params = [p for t in self.trainable.values() for p in t.values()]
+        if as_peft:
+            raise_if([f"{fqn}: {n} summed adapters carry a lora_B bias; lora_fx trains one per module"
+                      for fqn in self.trainable if (n := sum(w.bias is not None for w in self.adapters.weights(0, fqn)))
+                      > 1], AdapterConfigError, "cannot train these adapters as PEFT would:")
+        params = [p for t in self.trainable.values() for role, p in t.items() if as_peft or role in AB]
         for p in params:
             p.requires_grad_(True)
         for fqn, t in self.trainable.items():
@@ -117,9 +142,22 @@ class Weights:
                 a = full_a.T if w.embedding else full_a
                 b = regrouped(full_b[:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
-                                                lora_b=b.detach().cpu().clone())
+                                                lora_b=b.detach().cpu().clone(), **self._trained_extras(fqn, at, w))
             out.append(dataclasses.replace(adapter, modules=mods))
         return out
+
+    def _trained_extras(self, fqn: str, at: int, w: LoraWeights, live: bool = False) -> dict[str, torch.Tensor]:
+        """The lora_B bias and DoRA magnitude of ``w`` (the adapter at rank offset ``at``) as the
+        parameters hold them now, if it owns them (the only adapter with a bias, the first with a
+        magnitude), in ``w``'s shapes; ``live``: differentiable, else detached copies on the CPU."""
+        t, ws, out = self.trainable[fqn], self.adapters.weights(0, fqn), {}
+        starts = [sum(v.rank for v in ws[:i]) for i in range(len(ws))]
+        if "lora_b_bias" in t and w.bias is not None and sum(v.bias is not None for v in ws) == 1:
+            out["bias"] = t["lora_b_bias"]
+        if "magnitude" in t and w.magnitude is not None and \
+                at == next(start for start, v in zip(starts, ws) if v.magnitude is not None):
+            out["magnitude"] = t["magnitude"].reshape(w.magnitude.shape)
+        return out if live else {k: _full(v).detach().cpu().clone() for k, v in out.items()}
 
     def live_weights(self, fqn: str, module: torch.nn.Module) -> list[LoraWeights]:
         """The LoRA of module ``fqn`` as the compiled graphs apply it now, for an eager call of
@@ -137,7 +175,8 @@ class Weights:
                     continue
                 a = t["lora_a"].T if w.embedding else t["lora_a"]
                 live.append(dataclasses.replace(w, lora_a=a[at:at + w.rank].to(device),
-                                                lora_b=regrouped(t["lora_b"][:, at:at + w.rank], w.groups).to(device)))
+                                                lora_b=regrouped(t["lora_b"][:, at:at + w.rank], w.groups).to(device),
+                                                **self._trained_extras(fqn, at, w, live=True)))
                 at += w.rank
             ws = live
         return [w.scaled(self._multiplier) for w in ws]

@@ -1,5 +1,6 @@
 """Every parameter PEFT trains gets PEFT's gradient through lora_fx's compiled graphs, or the
-training is refused naming it: a base trained under a fold backend (a full fine-tune)."""
+training is refused naming it: a base trained under a fold backend (a full fine-tune), lora_B's
+bias (lora_bias) and DoRA's magnitude under branch mode."""
 
 from __future__ import annotations
 
@@ -97,3 +98,63 @@ def test_fold_refuses_the_backward_where_a_trained_base_would_miss_peft_gradient
                                                            for i in range(2)] + ["lm_head.weight"]
     assert all(why in p for p in e.value.problems[:2])
     assert all(p.grad is None for p in model.parameters())
+
+
+PEFT_NAMES = {"lora_fx_A": "lora_A.default.weight", "lora_fx_B": "lora_B.default.weight",
+              "lora_fx_B_bias": "lora_B.default.bias", "lora_fx_magnitude": "lora_magnitude_vector.default.weight"}
+
+
+@pytest.mark.parametrize("variant", ["lora_bias", "dora"])
+def test_for_training_trains_lora_bias_and_dora_magnitude_as_peft(tmp_path, variant):
+    """lora_B's bias (lora_bias) and DoRA's magnitude are parameters of their modules, trained as
+    PEFT trains them (qwen2: v_proj has a base bias, o_proj none): three SGD steps give PEFT's
+    losses and gradients at 1e-5; the saved adapter reloads in PEFT with the trained values."""
+    base = tiny_model("qwen2")
+    pm = _peft(base, target_modules=["v_proj", "o_proj"], **{"use_dora" if variant == "dora" else "lora_bias": True})
+    start = {k: v.clone() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    model = lora_fx.for_training(copy.deepcopy(base), lora_fx.from_peft(copy.deepcopy(pm))[1]["default"],
+                                 inner="aot_eager")
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = dict(pm.named_parameters())
+    pairs = {n: theirs["base_model.model." + n.rpartition(".")[0] + "." + PEFT_NAMES[n.rpartition(".")[2]]]
+             for n in ours}
+    extra = "lora_fx_B_bias" if variant == "lora_bias" else "lora_fx_magnitude"
+    assert sum(n.endswith(extra) for n in ours) == 4
+    assert set(pairs.values()) == {p for p in theirs.values() if p.requires_grad}  # every parameter PEFT trains
+    opts = [torch.optim.SGD(ps, lr=0.5) for ps in (ours.values(), pairs.values())]
+    ids = example_ids()
+    for _ in range(3):
+        for opt in opts:
+            opt.zero_grad()
+        loss, want = _loss(model, ids), _loss(pm, ids)
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(loss, want, **TOL)
+        torch.testing.assert_close({n: p.grad for n, p in ours.items()}, {n: p.grad for n, p in pairs.items()}, **TOL)
+        for opt in opts:
+            opt.step()
+    trained = model.lora_fx_backend.trained_adapter().state_dict()
+    torch.testing.assert_close(trained, peft.get_peft_model_state_dict(pm), **TOL)
+    moved = [k for k in trained if "lora_B.bias" in k or "magnitude" in k]
+    assert len(moved) == 4 and all((trained[k] - start[k]).abs().max() > 1e-3 for k in moved)
+    model.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close({k: v for k, v in peft.get_peft_model_state_dict(loaded).items() if k in moved},
+                               {k: trained[k] for k in moved}, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_training_summed_adapters_that_each_carry_a_lora_bias_is_refused():
+    """Summed adapters' biases reach the graph as one sum, which cannot be trained as PEFT trains
+    each adapter's own: refused by name (A and B alone still train)."""
+    model = tiny_model("qwen2")
+    ads = [lora_fx.loading.random_adapter(model, lora_fx.LoraConfig(r=2, target_modules=targets, lora_bias=True),
+                                          seed=seed) for seed, targets in enumerate((["v_proj"], ["v_proj", "o_proj"]))]
+    be = lora_fx.backend(ads, mode="branch", inner="aot_eager")
+    with pytest.raises(lora_fx.AdapterConfigError, match="cannot train these adapters as PEFT would") as e:
+        be.parameters(as_peft=True)
+    assert e.value.problems == [f"model.layers.{i}.self_attn.v_proj: 2 summed adapters carry a lora_B bias; lora_fx "
+                                "trains one per module" for i in range(2)]
+    assert len(be.parameters()) == 4 * 2

@@ -178,6 +178,22 @@ def _form(site: Site, lora_dtype: torch.dtype, fuse_tokens: int) -> str:
     return "fused" if m is not None and m <= fuse_tokens else "gemm"
 
 
+def _trained_terms(graph: fx.Graph, site: Site, t: dict[str, fx.Node]) -> dict[str, fx.Node]:
+    """``t`` with the terms made from trained parameters (one adapter set, see tensors): lora_bias =
+    bias_scale * lora_B's bias; DoRA's m / ||W + s B A|| = magnitude * dora_inv_norm + dora_off
+    (the norm detached, as PEFT's) and (1 - that) * b, so the gradients reach them as PEFT's do."""
+    t = dict(t)
+    if "lora_b_bias" in t:
+        t["lora_bias"] = call(graph, aten.mul.Tensor, (t.pop("lora_b_bias"), t.pop("bias_scale")))
+    if "magnitude" in t:
+        inv, m = t.pop("dora_inv_norm"), t.pop("magnitude")
+        m = _cast(graph, m, tensor_meta(inv).dtype) if tensor_meta(inv) is not None else m
+        ds = t["dora_scale"] = call(graph, aten.add.Tensor, (call(graph, aten.mul.Tensor, (m, inv)), t.pop("dora_off")))
+        if site.bias is not None:
+            t["dora_bias"] = call(graph, aten.mul.Tensor, (call(graph, aten.rsub.Scalar, (ds, 1)), site.bias))
+    return t
+
+
 def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtype, fuse_tokens: int = 0,
                        h: fx.Node | None = None, accumulate: bool = True) -> fx.Node:
     """Add the update after ``site``'s op (in the graph that holds it) and route the op's users to it;
@@ -185,6 +201,7 @@ def insert_lora_branch(site: Site, t: dict[str, fx.Node], lora_dtype: torch.dtyp
     graph, y = site.graph, site.node
     users = list(y.users)
     with graph.inserting_before(y.next):
+        t = _trained_terms(graph, site, t)
         dora = {k: t[k] for k in ("dora_scale", "dora_bias") if k in t}
         if site.kind == "conv":
             dims = _conv_dims(site)
