@@ -166,6 +166,9 @@ class Layout:
                 if (new.shape, new.kernel, new.groups) != (spec.shape, spec.kernel, spec.groups):
                     p.append(f"{fqn}: expected LoRA for (out, in) = {spec.shape}, kernel {spec.kernel}, groups "
                              f"{spec.groups}; found {new.shape}, kernel {new.kernel}, groups {new.groups}")
+                if new.experts != spec.experts:
+                    p.append(f"{fqn}: expected LoRA for {spec.experts or 'no'} experts (the compiled graphs hold A / B "
+                             f"per expert), found {new.experts or 'none'}")
         p += [f"{path}: the new adapter replaces this tensor, the compiled graphs do not"
               for path in sorted(set(aset.overrides) - self.overrides)]
         return p

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import lora_fx
-from lora_fx.errors import AdapterConfigError, GraphRewriteError, ModelMismatchError
+from lora_fx.errors import AdapterConfigError, GraphRewriteError, ModelMismatchError, SwapError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -246,6 +248,19 @@ def test_branch_on_an_exported_program_equals_peft(tmp_path, impl):
     assert "model.layers.0.mlp.experts.gate_up_proj: branch 8 experts" in str(new.lora_fx_report)
     with torch.no_grad():
         torch.testing.assert_close(new.module()(ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_swap_to_an_adapter_for_another_expert_count_is_refused_by_name(tmp_path):
+    _, path = peft_adapter(tiny("mixtral", layers=1), tmp_path)
+    ad = lora_fx.load_adapter(path)
+    fqn = "model.layers.0.mlp.experts.down_proj"
+    w = ad.modules[fqn]
+    four = dataclasses.replace(ad, modules={**ad.modules, fqn: dataclasses.replace(
+        w, lora_a=w.lora_a[:4 * w.rank], lora_b=w.lora_b[:, :4 * w.rank], experts=4)})
+    for mode in ("branch", "fold"):
+        be = lora_fx.backend(ad, mode=mode, inner="aot_eager")
+        with pytest.raises(SwapError, match=r"experts\.down_proj: expected LoRA for 8 experts .*found 4"):
+            be.swap(four)
 
 
 def test_mixed_batches_with_expert_lora_are_refused_by_name(tmp_path):
