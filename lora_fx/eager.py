@@ -148,8 +148,9 @@ class EagerGuard:
             mod = modules.get(module_of(fqn, spec))
             if mod is None:
                 continue
-            why = ("its parameter is merged with the adapter inside the compiled graphs" if spec.param
-                   else "the adapter replaces one of its parameters inside the compiled graphs"
+            why = ("its experts' LoRA is applied inside the compiled graphs, where they read the 3-D parameter"
+                   if spec.experts else "its parameter is merged with the adapter inside the compiled graphs"
+                   if spec.param else "the adapter replaces one of its parameters inside the compiled graphs"
                    if fqn in overridden else None)
             repeated = re.search(r"\.\d+(\.|$)", fqn) is not None
             _GUARDED[mod] = (self, fqn, why, not repeated)

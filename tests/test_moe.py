@@ -200,6 +200,10 @@ def test_branch_swaps_rank_sets_scale_and_disables_without_recompiling(tmp_path)
     torch.testing.assert_close(plain, want_off, atol=1e-5, rtol=1e-5)
     assert (want_b - want_half).abs().max() > 1e-2 and (want_half - want_off).abs().max() > 1e-2
     assert len(be.reports) == 1, "swap, set_scale and disable reuse the compiled graph"
+    with pytest.raises(GraphRewriteError, match=r"experts\.\w+: ran outside the compiled graphs with the adapter on "
+                                                r"\(its experts' LoRA is applied inside the compiled graphs"), \
+            torch.no_grad():
+        base(ids)  # eagerly, with the adapter on: refused rather than run without it
 
 
 def _peft_expert_key(fqn: str, role: str) -> str:
