@@ -277,9 +277,6 @@ def _fold_gradient_problem(spec: Any, inplace: bool, fmt: str | None, roles: tup
                 "weight; use inplace=False")
     if "weight" not in roles:
         return None
-    if spec.dora:
-        return ("DoRA folds W' = m / ||W + s B A|| (W + s B A), and PEFT's gradient of W is scaled per row by "
-                "m / ||W + s B A||, which the folded graph does not give; use mode='branch'")
     if spec.groups > 1:
         return "a grouped conv folds into a dense kernel, not the grouped one PEFT trains; use mode='branch'"
     if fmt is not None:

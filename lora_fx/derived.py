@@ -93,6 +93,8 @@ class Builders:
                  weight.new_empty(weight.shape[0], weight.shape[1] * spec.groups, *weight.shape[2:])}
             if spec.lora_bias:
                 t["bias"] = torch.empty(out_f, dtype=weight.dtype, **kw)
+            if spec.dora:  # read only by graphs that train the base (see passes.fold)
+                t["row_scale"] = torch.empty(out_f, dtype=weight.dtype, **kw)
             return t
         t = {"scale": torch.empty(*lead, self.layout.rank, dtype=spec.dtype, **kw)}
         if not self.mixed:  # lora_B's bias and DoRA's magnitude are trained parameters (see tensors)
@@ -123,6 +125,9 @@ class Builders:
         if "bias" in d.tensors:  # lora_bias: the merged bias; while off, the base's (or none: zeros)
             new_bias = fresh.get("bias", bias)
             _copy_full(d.tensors["bias"], _full(new_bias)) if new_bias is not None else d.tensors["bias"].zero_()
+        if "row_scale" in d.tensors:  # DoRA; while off (or a plain adapter swapped in), W' = W: 1
+            _copy_full(d.tensors["row_scale"], fresh["row_scale"]) if "row_scale" in fresh \
+                else d.tensors["row_scale"].fill_(1.0)
 
     def _refresh_branch(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         spec, m, rank = self.layout.specs[d.key], self._multiplier, self.layout.rank

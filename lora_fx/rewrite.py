@@ -262,6 +262,8 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
         tensors, d = state.module_tensors(s.fqn, s.kind, inputs.value(w_top), inputs.value(b_top))
         if not torch.is_grad_enabled():  # an inference graph: no lora_dropout (see dropout)
             tensors = {role: t for role, t in tensors.items() if role != "dropout"}
+        if "row_scale" in tensors and "weight" not in trained.get(id(s), ()):  # read only where W trains
+            tensors = {role: t for role, t in tensors.items() if role != "row_scale"}
         added.setdefault(s.fqn, {}).update(tensors)
         derived.append((d, (inputs.ref(w_top), inputs.ref(b_top))))
         ranks[id(s)] = tensors["lora_a"].shape[0] if "lora_a" in tensors else 0
@@ -269,6 +271,7 @@ def rewrite_graph(gm: fx.GraphModule, inputs: GraphInputs, state: LoraState, fus
 
     before = len(inputs.values)
     batch = None
+    trained: dict[int, tuple[str, ...]] = {}
     untrained: list[tuple[str, Any]] = []
     if state.mode == "fold":
         trained, untrained = fold_trained_bases(chosen, inputs, state) if torch.is_grad_enabled() else ({}, [])

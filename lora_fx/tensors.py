@@ -19,7 +19,8 @@ With one adapter set, lora_B's bias and DoRA's magnitude are trained parameters 
     dora_off      (1,)    1 while the update is off (the DoRA scale is then 1), else 0
 
 Fold mode, per module: ``weight`` = W + sum(scale * B A) (DoRA: m / ||.|| times that), in the op's
-own layout, and ``bias`` when lora_bias changes it.
+own layout, and ``bias`` when lora_bias changes it; DoRA: ``row_scale`` (out,), the m / ||.|| that
+scales W's gradient per output row (PEFT's norm is detached), for a graph that trains the base.
 
 Nothing here keeps state; ``LoraState`` decides when to call these and where the results go.
 """
@@ -157,6 +158,7 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
     ws = [w.to(weight.device) for w in ws]
     w_oi = as_out_in(weight, kind).float()
     new_bias = None if bias is None else bias.detach().float()
+    row_scale = torch.ones(w_oi.shape[0], device=w_oi.device)  # dW'/dW per output row (DoRA's m / ||.||)
     for w in ws:
         delta = w.delta_weight() * multiplier
         if w.magnitude is not None:
@@ -165,7 +167,8 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
             if groups > 1:  # PEFT's DoRA norm: the grouped kernel + B.view(-1, r) @ A.view(r, -1) in its shape
                 quirk = (w.lora_b.float().reshape(-1, w.rank) @ w.lora_a.float().reshape(w.rank, -1))
                 norm_of = grouped.float().flatten(1) + w.scale * multiplier * quirk.reshape(grouped.shape[0], -1)
-            w_oi = (w.magnitude.float().reshape(-1) / torch.linalg.norm(norm_of, dim=1)).view(-1, 1) * merged
+            factor = w.magnitude.float().reshape(-1) / torch.linalg.norm(norm_of, dim=1)
+            w_oi, row_scale = factor.view(-1, 1) * merged, row_scale * factor
         else:
             w_oi = w_oi + delta
         if w.bias is not None:
@@ -174,4 +177,6 @@ def fold_tensors(ws: list[LoraWeights], kind: str, weight: torch.Tensor, bias: t
     out = {"weight": from_out_in(w_oi, kind, weight).to(weight.dtype).contiguous()}
     if any(w.bias is not None for w in ws):
         out["bias"] = new_bias.to(weight.dtype)
+    if any(w.magnitude is not None for w in ws):
+        out["row_scale"] = row_scale.to(weight.dtype)
     return out

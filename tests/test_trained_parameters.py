@@ -38,10 +38,12 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("arch", "kwargs"), [
     ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     ("gpt2", dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_bias=True)),
-])
+    ("qwen2", dict(target_modules=["v_proj", "o_proj"], use_dora=True)),
+], ids=["llama", "gpt2_conv1d_lora_bias", "qwen2_dora"])
 def test_fold_over_a_trained_base_gives_the_base_peft_gradients(arch, kwargs):
     """The folded op reads W' + (W - W.detach()): W''s value, W''s gradient on W, which is PEFT's
-    gradient of its base weight (and of the base bias a lora_bias folds into). Two SGD steps of
+    gradient of its base weight (and of the base bias a lora_bias folds into); DoRA's scaled per
+    output row by m / ||W + s B A|| (detached, as PEFT's norm). Two SGD steps of
     the whole base, the adapter fixed (fold does not train A / B): the gradients of the first, the
     losses of both (the second reads W' folded again over the trained W) and the trained weights
     equal PEFT's at 1e-5."""
@@ -78,11 +80,11 @@ def test_fold_over_a_trained_base_gives_the_base_peft_gradients(arch, kwargs):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fold_refuses_the_backward_where_a_trained_base_would_miss_peft_gradient(inplace):
-    """DoRA's folded weight scales W's gradient per row, in place the model's tensor holds W', and
-    a modules_to_save copy replaces the model's parameter: a forward with gradients on still runs
-    (an inference call that did not turn them off); a backward through it is refused, naming each."""
+    """In place the model's tensor holds W', and a modules_to_save copy replaces the model's
+    parameter: a forward with gradients on still runs (an inference call that did not turn them
+    off); a backward through it is refused, naming each."""
     base = tiny_model("llama")
-    pm = _peft(base, target_modules=["q_proj"], use_dora=not inplace, modules_to_save=["lm_head"])
+    pm = _peft(base, target_modules=["q_proj"], modules_to_save=["lm_head"])
     adapter = lora_fx.from_peft(copy.deepcopy(pm))[1]["default"]
     model = copy.deepcopy(base)
     compiled = torch.compile(model, backend=lora_fx.backend(adapter, mode="fold", inner="aot_eager",
@@ -93,10 +95,9 @@ def test_fold_refuses_the_backward_where_a_trained_base_would_miss_peft_gradient
         torch.testing.assert_close(loss, _loss(pm, ids), **TOL)
     with pytest.raises(GraphRewriteError, match="cannot train through this graph") as e:
         loss.backward()
-    why = "fold in place merges B A" if inplace else "DoRA folds W'"
-    assert [p.split(":")[0] for p in e.value.problems] == [f"model.layers.{i}.self_attn.q_proj.weight"
-                                                           for i in range(2)] + ["lm_head.weight"]
-    assert all(why in p for p in e.value.problems[:2])
+    weights = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)] if inplace else []
+    assert [p.split(":")[0] for p in e.value.problems] == weights + ["lm_head.weight"]
+    assert all("fold in place merges B A" in p for p in e.value.problems[:len(weights)])
     assert all(p.grad is None for p in model.parameters())
 
 
