@@ -242,6 +242,20 @@ def test_branch_training_step_equals_peft(tmp_path, family, impl):
     assert checked == 4
 
 
+def test_branch_in_bf16_runs_torchs_grouped_mm_and_equals_peft_at_bf16_precision(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "grouped_mm", layers=1), tmp_path, r=8, lora_alpha=16)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    want = peft_logits(pm, ids)  # fp32
+    base = pm.unload().to(torch.bfloat16)
+    with torch.no_grad():
+        assert (base(ids).logits.float() - want).abs().max() > 5e-2, "the adapter changes the logits"
+    graphs = []
+    be = lora_fx.backend(lora_fx.load_adapter(path, dtype=torch.bfloat16), mode="branch", inner=recording(graphs))
+    torch.testing.assert_close(compiled_logits(base, be, ids).float(), want, atol=1e-2, rtol=1e-2)
+    ours = {n.target for gm in graphs for n in gm.graph.nodes if n.meta.get("lora_fx")}
+    assert torch._grouped_mm in ours, "a bf16 update of rank 8 (16-byte rows) runs torch's grouped_mm under compile"
+
+
 @pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
 def test_branch_on_an_exported_program_equals_peft(tmp_path, impl):
     pm, path = peft_adapter(tiny("mixtral", impl, layers=1), tmp_path)
