@@ -100,9 +100,13 @@ class Weights:
         raise_if(refused, AdapterConfigError, "cannot train these adapters: their eval forward is LoRA, their "
                  "training is not; lora_fx applies them for inference only:")
         if as_peft:
+            specs = self.layout.specs
             raise_if([f"{fqn}: {n} summed adapters carry a lora_B bias; lora_fx trains one per module"
                       for fqn in self.trainable if (n := sum(w.bias is not None for w in self.adapters.weights(0, fqn)))
-                      > 1], AdapterConfigError, "cannot train these adapters as PEFT would:")
+                      > 1] + [f"{fqn}: mixed-adapter batches apply its {'DoRA magnitude' if s.dora else 'lora_B bias'} "
+                              "as a derived tensor, which is not trained; train one adapter set"
+                              for fqn, s in specs.items() if self.mixed and (s.dora or s.lora_bias)],
+                     AdapterConfigError, "cannot train these adapters as PEFT would:")
         params = [p for t in self.trainable.values() for role, p in t.items() if as_peft or role in AB]
         for p in params:
             p.requires_grad_(True)

@@ -148,8 +148,9 @@ def test_for_training_trains_lora_bias_and_dora_magnitude_as_peft(tmp_path, vari
 
 
 def test_training_summed_adapters_that_each_carry_a_lora_bias_is_refused():
-    """Summed adapters' biases reach the graph as one sum, which cannot be trained as PEFT trains
-    each adapter's own: refused by name (A and B alone still train)."""
+    """Summed adapters' biases reach the graph as one sum, and mixed batches read them (and DoRA's
+    magnitudes) as derived tensors: neither trains as PEFT trains each adapter's own, so
+    as_peft=True is refused by name (A and B alone still train)."""
     model = tiny_model("qwen2")
     ads = [lora_fx.loading.random_adapter(model, lora_fx.LoraConfig(r=2, target_modules=targets, lora_bias=True),
                                           seed=seed) for seed, targets in enumerate((["v_proj"], ["v_proj", "o_proj"]))]
@@ -159,3 +160,6 @@ def test_training_summed_adapters_that_each_carry_a_lora_bias_is_refused():
     assert e.value.problems == [f"model.layers.{i}.self_attn.v_proj: 2 summed adapters carry a lora_B bias; lora_fx "
                                 "trains one per module" for i in range(2)]
     assert len(be.parameters()) == 4 * 2
+    mixed = lora_fx.backend({"a": ads[0], "b": ads[1]}, mode="branch", inner="aot_eager")
+    with pytest.raises(lora_fx.AdapterConfigError, match="o_proj: mixed-adapter batches apply its lora_B bias"):
+        mixed.parameters(as_peft=True)
