@@ -1,9 +1,10 @@
 """Fine-tuning a model in place: ``model = lora_fx.for_training(model, adapter_or_config)``.
 
 The model stays the object it was (a transformers ``PreTrainedModel`` stays one, so
-``transformers.Trainer`` treats it as its own): its parameters are frozen, the adapter's A and B
-become parameters of their modules (``lora_fx_A`` / ``lora_fx_B``, what an optimizer over the
-trainable parameters gets), its forward is compiled with a branch-mode backend (``model.compile``,
+``transformers.Trainer`` treats it as its own): its parameters are frozen, what PEFT trains of the
+adapter becomes parameters of its modules (``lora_fx_A`` / ``lora_fx_B``, lora_B's bias
+``lora_fx_B_bias``, DoRA's ``lora_fx_magnitude``: what an optimizer over the trainable parameters
+gets), its forward is compiled with a branch-mode backend (``model.compile``,
 kept as ``model.lora_fx_backend``) and ``model.save_pretrained(dir)`` writes the trained adapter
 in PEFT's format.
 
