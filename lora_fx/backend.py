@@ -221,7 +221,8 @@ class LoraBackend:
         self.reports.append(done.report)
         self._seen |= set(done.report.modules) | set(done.report.substituted)
         extra = tuple(inputs.extra)
-        trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources)
+        trainable = {id(p) for t in state.trainable.values() for p in t.values()} | set(state.sources) | {
+            id(d.tensors["value"]) for d in state.derived.values() if d.key in state.saved}  # enabled or not
         dropped = _drop_replaced_subclass_inputs(gm, example_inputs, read)
         kept = [x for i, x in enumerate(example_inputs) if i not in dropped]
         inner_start = clock()
@@ -330,21 +331,28 @@ class LoraBackend:
         """Branch mode's A and B: pass them to an optimizer to train the adapter. Asking for them
         turns their gradients on (until then a forward outside ``no_grad`` builds no autograd
         graph for them). ``as_peft``: every parameter PEFT trains for the adapter, lora_B's bias
-        (lora_bias) and DoRA's magnitude too (one adapter set; ``trained_adapter`` reads them back).
+        (lora_bias), DoRA's magnitude and modules_to_save copies too (one adapter set;
+        ``trained_adapter`` reads them back).
 
         Raises:
-            AdapterConfigError: ``as_peft`` with summed adapters that each carry a lora_B bias."""
+            AdapterConfigError: ``as_peft`` with summed adapters that each carry a lora_B bias, or
+                mixed-adapter batches with DoRA, lora_bias or modules_to_save."""
         return self.state.parameters(as_peft)
 
     def named_parameters(self, as_peft: bool = False) -> dict[str, dict[str, torch.nn.Parameter]]:
         """Module fqn -> {"lora_a": (R, in), "lora_b": (out, R)}, padded to the rank budget R;
-        ``as_peft``: with "lora_b_bias" (out,) and "magnitude" (out,) where PEFT trains them.
+        ``as_peft``: with "lora_b_bias" (out,) and "magnitude" (out,) where PEFT trains them, and a
+        modules_to_save copy's module -> {"saved_<param>": the copy} (the parameter's shape).
 
         Embeddings keep A transposed, (vocab, R). Turns their gradients on, as ``parameters``.
         """
         self.state.parameters(as_peft)
-        return {fqn: {role: p for role, p in t.items() if as_peft or role in ("lora_a", "lora_b")}
-                for fqn, t in self.state.trainable.items()}
+        out = {fqn: {role: p for role, p in t.items() if as_peft or role in ("lora_a", "lora_b")}
+               for fqn, t in self.state.trainable.items()}
+        for path, p in self.state.saved.items() if as_peft else ():  # modules_to_save copies: "saved_<param>"
+            module, _, param = path.rpartition(".")
+            out.setdefault(module, {})[f"saved_{param}"] = p
+        return out
 
 
 def _drop_replaced_subclass_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], read: set) -> set[int]:

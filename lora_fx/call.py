@@ -136,8 +136,8 @@ def _refuse_training(fqns: Sequence[str]) -> None:
 
 def _replaced_problem(path: str) -> str:
     return (f"{path}: the adapter's tensor (modules_to_save, or a saved bias) replaces this parameter in the "
-            "graph, and lora_fx trains only A and B, so neither it nor the model's own parameter would learn "
-            "(PEFT trains its copy)")
+            "graph, so the model's own parameter would get no gradient (a modules_to_save copy trains as PEFT's "
+            "with be.parameters(as_peft=True) / for_training; a saved bias does not train)")
 
 
 def _refuse_training_replaced(paths: Sequence[str]) -> None:

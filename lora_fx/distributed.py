@@ -17,6 +17,8 @@ from .slots import ModuleSpec
 ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B", "lora_b_bias": "lora_fx_B_bias",
             "magnitude": "lora_fx_magnitude"}
 
+SAVED = "lora_fx_saved_"  # a modules_to_save copy's name on its module once attached: lora_fx_saved_<param>
+
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly sharded) parameter; a collective for a DTensor."""
@@ -125,8 +127,19 @@ class Distributed:
                     type(model).__name__.startswith("FSDP"):
                 problems.append(f"{fqn}: its module is already sharded (FSDP2 / tensor parallel); call "
                                 "be.attach(model) before fully_shard / parallelize_module")
+        for path in self.saved:  # modules_to_save copies: lora_fx_saved_<param> on the copied module
+            mod = modules.get(path.rpartition(".")[0])
+            if mod is None:
+                problems.append(f"{path}: the model has no such module (the adapter's modules_to_save copy)")
+            elif any(type(t).__name__ == "DTensor" for t in mod.parameters(recurse=False)):
+                problems.append(f"{path}: its module is already sharded (FSDP2 / tensor parallel); call "
+                                "be.attach(model) before fully_shard / parallelize_module")
         raise_if(problems, GraphRewriteError, "cannot attach the adapter to this model:")
         self._model, self._fsdp = model, False
+        for path, p in self.saved.items():
+            module, _, param = path.rpartition(".")
+            if getattr(modules[module], SAVED + param, None) is not p:
+                modules[module].register_parameter(SAVED + param, p)
         for fqn, t in self._own.items():
             mod = modules[fqn]
             for role in t:

@@ -3,7 +3,8 @@
 The model stays the object it was (a transformers ``PreTrainedModel`` stays one, so
 ``transformers.Trainer`` treats it as its own): its parameters are frozen, what PEFT trains of the
 adapter becomes parameters of its modules (``lora_fx_A`` / ``lora_fx_B``, lora_B's bias
-``lora_fx_B_bias``, DoRA's ``lora_fx_magnitude``: what an optimizer over the trainable parameters
+``lora_fx_B_bias``, DoRA's ``lora_fx_magnitude``, a modules_to_save copy
+``lora_fx_saved_<param>``: what an optimizer over the trainable parameters
 gets), its forward is compiled with a branch-mode backend (``model.compile``,
 kept as ``model.lora_fx_backend``) and ``model.save_pretrained(dir)`` writes the trained adapter
 in PEFT's format.
@@ -22,10 +23,11 @@ from typing import Any
 
 import torch
 
+from . import targets
 from .adapter import Adapter
 from .backend import LoraBackend
 from .config import LoraConfig
-from .distributed import ATTACHED, _full
+from .distributed import ATTACHED, SAVED, _full
 from .errors import AdapterConfigError, raise_if
 from .loading import init_adapter
 from .quantized import module_format
@@ -39,8 +41,9 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
 
     Every parameter the model has is frozen; the adapter's A and B are registered on their modules
     (``lora_fx_A`` / ``lora_fx_B``, with lora_bias ``lora_fx_B_bias``, with DoRA
-    ``lora_fx_magnitude``: what PEFT trains) with gradients on, so ``model.named_parameters()`` and
-    ``state_dict()`` hold them and an optimizer over the trainable parameters trains exactly them;
+    ``lora_fx_magnitude``, modules_to_save copies ``lora_fx_saved_<param>``: what PEFT trains)
+    with gradients on, so ``model.named_parameters()`` and ``state_dict()`` hold them and an
+    optimizer over the trainable parameters trains exactly them;
     the forward is compiled with ``lora_fx.backend(adapter, mode="branch", **backend_kwargs)``
     (``model.compile``: calls to ``model(...)`` run the compiled forward). The backend is
     ``model.lora_fx_backend``; ``model.save_pretrained(dir, **kwargs)`` writes the trained adapter.
@@ -57,8 +60,9 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
         ``model`` itself.
 
     Raises:
-        AdapterConfigError: what PEFT would train and lora_fx does not train yet (modules_to_save,
-            base biases), a PEFT initialisation other than the
+        AdapterConfigError: what PEFT would train and lora_fx does not train yet (base biases, a
+            modules_to_save copy of a LoRA-targeted module, an Adapter without the copies its
+            config names), a PEFT initialisation other than the
             default, a mode other than branch, a model prepared already; every problem at once.
         GraphRewriteError / ModelMismatchError: the adapter does not fit the model (``be.attach``).
     """
@@ -80,7 +84,7 @@ def for_training(model: torch.nn.Module, adapter_or_config: Adapter | LoraConfig
     be.attach(model)  # checks the model first: a refused model is left as it was
     for p in base:
         p.requires_grad_(False)
-    be.parameters(as_peft=True)  # A, B, lora_B's bias, DoRA's magnitude: gradients on
+    be.parameters(as_peft=True)  # A, B, lora_B's bias, DoRA's magnitude, modules_to_save copies: gradients on
     prepare_quantized_base(model)
     model.lora_fx_backend = be
     model.save_pretrained = types.MethodType(save_adapter, model)
@@ -110,11 +114,16 @@ def untrained_problems(adapter: Adapter) -> list[str]:
     """What ``peft.get_peft_model`` would train for ``adapter``'s config that lora_fx's branch
     mode does not train yet (training without them would silently train less than PEFT)."""
     c, p = adapter.config, []
-    if c.modules_to_save:
-        p.append(f"modules_to_save: {c.modules_to_save} are not trained yet; use modules_to_save=None")
+    copies = {path for path in adapter.overrides if targets.is_module_copy(c, path)}
+    p += [f"modules_to_save: {path} is the copy of a module LoRA also targets; PEFT trains one or the other, "
+          "expected the module in target_modules or in modules_to_save" for path in sorted(copies)
+          if path.rpartition(".")[0] in adapter.modules]
+    if c.modules_to_save and not copies:
+        p.append(f"modules_to_save: {c.modules_to_save} has no copy in the adapter (adapter.overrides); expected the "
+                 "copies PEFT trains: pass the config, or lora_fx.from_peft(peft_model)")
     if c.bias != "none":
         p.append(f"bias: {c.bias!r} trains the base biases, which are not trained yet; use bias='none'")
-    if adapter.overrides and not (c.modules_to_save or c.bias != "none"):
+    if set(adapter.overrides) - copies and c.bias == "none":
         p.append(f"overrides: the adapter replaces {sorted(adapter.overrides)}, which are not trained yet")
     return p
 
@@ -124,7 +133,7 @@ def _adapter_for(model: torch.nn.Module, source: Any) -> Adapter:
     if isinstance(source, Adapter):
         return source
     if isinstance(source, LoraConfig):
-        return init_adapter(model, source)
+        return _with_copies(model, init_adapter(model, source))
     if type(source).__module__.startswith("peft") and hasattr(source, "to_dict"):
         data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in source.to_dict().items()}
         init = data.get("init_lora_weights", True)
@@ -132,9 +141,17 @@ def _adapter_for(model: torch.nn.Module, source: Any) -> Adapter:
             raise AdapterConfigError(
                 f"init_lora_weights: expected True (PEFT's default, which init_adapter reproduces), found {init!r}; "
                 "initialise with peft.get_peft_model and pass lora_fx.from_peft(peft_model)[1]['default'] instead")
-        return init_adapter(model, LoraConfig.from_dict(data, source="peft.LoraConfig"))
+        return _with_copies(model, init_adapter(model, LoraConfig.from_dict(data, source="peft.LoraConfig")))
     raise TypeError(f"adapter_or_config: expected a lora_fx Adapter, a lora_fx LoraConfig or a peft.LoraConfig, "
                     f"found {type(source).__name__}")
+
+
+def _with_copies(model: torch.nn.Module, adapter: Adapter) -> Adapter:
+    """``adapter`` with PEFT's fresh modules_to_save copies: each parameter of a module the config
+    names, as the model holds it (ModulesToSaveWrapper deep-copies the module)."""
+    copies = {path: p.detach().clone() for path, p in model.named_parameters(remove_duplicate=False)
+              if targets.is_module_copy(adapter.config, path) and path not in adapter.overrides}
+    return dataclasses.replace(adapter, overrides={**adapter.overrides, **copies}) if copies else adapter
 
 
 def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True,
@@ -158,5 +175,5 @@ def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike, *, i
         return
     adapter.save(save_directory)
     ab = {name: _full(p).detach().cpu().contiguous() for name, p in model.named_parameters()
-          if name.rpartition(".")[2] in ATTACHED.values()}
+          if name.rpartition(".")[2] in ATTACHED.values() or name.rpartition(".")[2].startswith(SAVED)}
     save_file(ab, os.path.join(save_directory, CHECKPOINT_FILE), metadata={"format": "pt"})

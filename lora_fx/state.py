@@ -91,6 +91,12 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
                                   "lora_b": torch.nn.Parameter(b, requires_grad=False),
                                   **{role: torch.nn.Parameter(t, requires_grad=False)  # lora_B's bias, DoRA's m
                                      for role, t in self._initial_extras(fqn).items()}}
+        # modules_to_save copies PEFT trains (branch, one adapter set): parameter path -> the copy,
+        # which the graph reads in place of the parameter while the adapter is on (see _recompute)
+        self.saved: dict[str, torch.nn.Parameter] = {
+            path: torch.nn.Parameter(self.adapters.overrides[path].detach().clone(), requires_grad=False)
+            for path in sorted(self.layout.copies) if path in self.adapters.overrides
+        } if mode == "branch" and not self.mixed else {}
 
     @property
     def mixed(self) -> bool:
@@ -141,6 +147,10 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         """The tensor that replaces parameter ``path`` (the model's own value while not applied)."""
         key = (path, base.dtype, base.device)
         d = self.derived.get(key)
+        if path in self.saved:  # the graph reads the copy itself: in the parameter's dtype, as PEFT's copy
+            self.place(base.device)
+            if self.saved[path].dtype != base.dtype:
+                self.saved[path].data = self.saved[path].data.to(base.dtype)
         if d is None:
             d = self.derived[key] = Derived(path, "override", {"value": torch.empty_like(base)}, (base,), watch=True)
             self.refresh(d, (base,))
@@ -168,7 +178,9 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
                      for role, t in d.tensors.items()}
         self.changes += 1
         with torch.no_grad():
-            if d.kind == "override":
+            if d.kind == "override" and d.key in self.saved and d.key in self.adapters.overrides and self._multiplier:
+                d.tensors["value"] = self.saved[d.key]  # the trained copy itself: its gradient reaches it
+            elif d.kind == "override":
                 src = self.adapters.overrides.get(d.key) if self._multiplier else None
                 d.tensors["value"].copy_(base[0] if src is None else src)
             elif self.inplace:

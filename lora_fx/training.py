@@ -56,7 +56,11 @@ class Weights:
         return t
 
     def _write_ab(self, slots: Sequence[int]) -> None:
-        """Copy the adapters' A and B of ``slots`` into the parameters (a swap; never a settings change)."""
+        """Copy the adapters' A and B of ``slots`` into the parameters (a swap; never a settings change),
+        and their modules_to_save copies into the trained copies."""
+        for path, p in self.saved.items():
+            if path in self.adapters.overrides:
+                _copy_full(p, self.adapters.overrides[path].to(p.device, p.dtype))
         for fqn, t in self.trainable.items():
             a, b = self._initial_ab(fqn, slots if self.mixed else [0])
             if not self.mixed:
@@ -82,9 +86,9 @@ class Weights:
             self._place(device)
 
     def _place(self, device: torch.device) -> None:
-        for t in ({} if self.attached else self._own).values():  # attached: the model moves them
-            for p in t.values():
-                p.data = p.data.to(device)
+        own = [] if self.attached else [*(p for t in self._own.values() for p in t.values()), *self.saved.values()]
+        for p in own:  # attached: the model moves them
+            p.data = p.data.to(device)
         if self.selection is not None:
             self.selection.to(device)
         self.device = device
@@ -105,9 +109,12 @@ class Weights:
                       for fqn in self.trainable if (n := sum(w.bias is not None for w in self.adapters.weights(0, fqn)))
                       > 1] + [f"{fqn}: mixed-adapter batches apply its {'DoRA magnitude' if s.dora else 'lora_B bias'} "
                               "as a derived tensor, which is not trained; train one adapter set"
-                              for fqn, s in specs.items() if self.mixed and (s.dora or s.lora_bias)],
+                              for fqn, s in specs.items() if self.mixed and (s.dora or s.lora_bias)]
+                     + [f"{path}: mixed-adapter batches apply its modules_to_save copy as a derived tensor, which is "
+                        "not trained; train one adapter set" for path in sorted(self.layout.copies) if self.mixed],
                      AdapterConfigError, "cannot train these adapters as PEFT would:")
         params = [p for t in self.trainable.values() for role, p in t.items() if as_peft or role in AB]
+        params += list(self.saved.values()) if as_peft else []  # modules_to_save copies
         for p in params:
             p.requires_grad_(True)
         for fqn, t in self.trainable.items():
@@ -125,7 +132,7 @@ class Weights:
 
     def held(self) -> list[torch.Tensor]:
         """Every tensor lora_fx holds besides the model's own (A / B and the derived tensors)."""
-        return [p for t in self.trainable.values() for p in t.values()] + [
+        return [p for t in self.trainable.values() for p in t.values()] + list(self.saved.values()) + [
             t for d in self.derived.values() for t in d.tensors.values()]
 
     def trained_adapters(self) -> list[Adapter]:
@@ -147,7 +154,9 @@ class Weights:
                 b = regrouped(full_b[:, at:at + w.rank], w.groups)
                 mods[fqn] = dataclasses.replace(w, lora_a=a[at:at + w.rank].detach().cpu().clone(),
                                                 lora_b=b.detach().cpu().clone(), **self._trained_extras(fqn, at, w))
-            out.append(dataclasses.replace(adapter, modules=mods))
+            overrides = {path: self.saved[path].detach().cpu().clone() if path in self.saved else t
+                         for path, t in adapter.overrides.items()}  # modules_to_save copies as trained
+            out.append(dataclasses.replace(adapter, modules=mods, overrides=overrides))
         return out
 
     def _trained_extras(self, fqn: str, at: int, w: LoraWeights, live: bool = False) -> dict[str, torch.Tensor]:

@@ -135,8 +135,17 @@ def test_for_training_refuses_what_it_does_not_train_yet():
     model = tiny_model("llama")
     with pytest.raises(lora_fx.AdapterConfigError, match="not trained yet") as e:
         lora_fx.for_training(model, config, inner="aot_eager")
-    assert [p.split(":")[0] for p in e.value.problems] == ["modules_to_save", "bias"]
+    assert [p.split(":")[0] for p in e.value.problems] == ["bias"]  # modules_to_save trains (test_trained_parameters)
     assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    q = "model.layers.0.self_attn.q_proj"
+    head = lora_fx.init_adapter(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(lora_fx.AdapterConfigError, match="has no copy in the adapter"):
+        lora_fx.for_training(model, head)  # an Adapter without the copies PEFT would train
+    both = dataclasses.replace(head, config=dataclasses.replace(head.config, modules_to_save=["q_proj"]),
+                               overrides={f"{q}.weight": model.get_parameter(f"{q}.weight").detach().clone()})
+    with pytest.raises(lora_fx.AdapterConfigError, match="copy of a module LoRA also targets") as e:
+        lora_fx.for_training(model, both)
+    assert e.value.problems[0].startswith(f"modules_to_save: {q}.weight is the copy of a module LoRA also targets")
     adapter = lora_fx.init_adapter(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
     saved_head = dataclasses.replace(adapter, overrides={"lm_head.weight": model.lm_head.weight.detach().clone()})
     with pytest.raises(lora_fx.AdapterConfigError, match=r"overrides: the adapter replaces \['lm_head.weight'\]"):
@@ -216,3 +225,15 @@ def test_qlora_over_a_bitsandbytes_4bit_base_trains_as_peft(tmp_path, eager_call
     ids = _dataset(1)[0]["input_ids"][None]
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, loaded.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_for_training_copies_modules_to_save_as_peft_does():
+    """From a config, each module modules_to_save names gets PEFT's fresh copy (the module's own
+    weight) as a trainable parameter of its module; the model's weight stays frozen."""
+    model = tiny_model("llama")
+    lora_fx.for_training(model, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                         inner="aot_eager")
+    copy_ = model.lm_head.lora_fx_saved_weight
+    assert copy_.requires_grad and not model.lm_head.weight.requires_grad
+    torch.testing.assert_close(copy_.detach(), model.lm_head.weight, atol=0, rtol=0)
+    assert any(p is copy_ for p in model.lora_fx_backend.parameters(as_peft=True))

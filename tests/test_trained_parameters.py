@@ -1,6 +1,6 @@
 """Every parameter PEFT trains gets PEFT's gradient through lora_fx's compiled graphs, or the
 training is refused naming it: a base trained under a fold backend (a full fine-tune), lora_B's
-bias (lora_bias) and DoRA's magnitude under branch mode."""
+bias (lora_bias), DoRA's magnitude and modules_to_save copies under branch mode."""
 
 from __future__ import annotations
 
@@ -162,3 +162,46 @@ def test_training_summed_adapters_that_each_carry_a_lora_bias_is_refused():
     mixed = lora_fx.backend({"a": ads[0], "b": ads[1]}, mode="branch", inner="aot_eager")
     with pytest.raises(lora_fx.AdapterConfigError, match="o_proj: mixed-adapter batches apply its lora_B bias"):
         mixed.parameters(as_peft=True)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_for_training_trains_modules_to_save_copies_as_peft(tmp_path, saved):
+    """A modules_to_save copy is a parameter of its module (lora_fx_saved_weight) that the graph
+    reads in place of the module's weight while the adapter is on, the model's own under
+    disabled(): three SGD steps give PEFT's losses and gradients (A, B and the copy) at 1e-5; the
+    saved adapter reloads in PEFT with the trained copy and gives the trained model's logits."""
+    base = tiny_model("llama")  # lm_head not tied to embed_tokens
+    pm = _peft(base, target_modules=["q_proj", "v_proj"], modules_to_save=[saved])
+    path = "lm_head.weight" if saved == "lm_head" else "model.embed_tokens.weight"
+    start = pm.get_parameter(f"base_model.model.{path.rpartition('.')[0]}.modules_to_save.default.weight").clone()
+    model = lora_fx.for_training(copy.deepcopy(base), lora_fx.from_peft(copy.deepcopy(pm))[1]["default"],
+                                 inner="aot_eager")
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = dict(pm.named_parameters())
+    names = {**PEFT_NAMES, "lora_fx_saved_weight": "modules_to_save.default.weight"}
+    pairs = {n: theirs["base_model.model." + n.rpartition(".")[0] + "." + names[n.rpartition(".")[2]]] for n in ours}
+    assert f"{path.rpartition('.')[0]}.lora_fx_saved_weight" in ours
+    assert set(pairs.values()) == {p for p in theirs.values() if p.requires_grad}  # every parameter PEFT trains
+    opts = [torch.optim.SGD(ps, lr=0.5) for ps in (ours.values(), pairs.values())]
+    ids = example_ids()
+    for _ in range(3):
+        for opt in opts:
+            opt.zero_grad()
+        loss, want = _loss(model, ids), _loss(pm, ids)
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(loss, want, **TOL)
+        torch.testing.assert_close({n: p.grad for n, p in ours.items()}, {n: p.grad for n, p in pairs.items()}, **TOL)
+        for opt in opts:
+            opt.step()
+    copied = model.get_parameter(f"{path.rpartition('.')[0]}.lora_fx_saved_weight")
+    assert (copied - start).abs().max() > 1e-3
+    with torch.no_grad(), model.lora_fx_backend.disabled(), pm.disable_adapter():  # the model's own weight
+        torch.testing.assert_close(model(input_ids=ids).logits, pm(input_ids=ids).logits, **TOL)
+    model.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(loaded.get_parameter(f"base_model.model.{path.rpartition('.')[0]}"
+                                                    ".modules_to_save.default.weight"), copied.detach(), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
