@@ -102,31 +102,6 @@ def test_fold_equals_peft_under_inductor(tmp_path):
     torch.testing.assert_close(compiled_logits(pm.unload(), be, ids), want, atol=1e-4, rtol=1e-4)
 
 
-def test_fold_swaps_to_an_adapter_of_another_rank_without_recompiling(tmp_path):
-    model = tiny("qwen3_moe", layers=1)
-    pm, path = peft_adapter(model, tmp_path)
-    ids = torch.randint(0, VOCAB, (2, 6))
-    want_a = peft_logits(pm, ids)
-    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
-                                        target_parameters=EXPERT_PARAMS, init_lora_weights=False))
-    pm.set_adapter("b")
-    want_b = peft_logits(pm, ids)
-    pm.save_pretrained(tmp_path / "both")
-    base = pm.unload()
-    with torch.no_grad():
-        want_off = base(ids).logits
-    be = lora_fx.backend(lora_fx.load_adapter(path), mode="fold", inner="aot_eager")
-    f = torch.compile(base, backend=be, dynamic=False)
-    with torch.no_grad():
-        torch.testing.assert_close(f(ids).logits, want_a, atol=1e-4, rtol=1e-4)
-        be.swap(lora_fx.load_adapter(tmp_path / "both" / "b"))
-        torch.testing.assert_close(f(ids).logits, want_b, atol=1e-4, rtol=1e-4)
-        with be.disabled():
-            plain = f(ids).logits
-    torch.testing.assert_close(plain, want_off, atol=1e-5, rtol=1e-5)
-    assert len(be.reports) == 1, "swap and disable reuse the compiled graph"
-
-
 def recording(graphs: list):
     """An inner compiler that keeps each rewritten graph and runs it with aot_eager."""
     def inner(gm, example_inputs):
@@ -170,8 +145,10 @@ def test_branch_equals_peft_under_inductor(tmp_path):
     torch.testing.assert_close(compiled_logits(pm.unload(), be, ids), want, atol=1e-4, rtol=1e-4)
 
 
-def test_branch_swaps_rank_sets_scale_and_disables_without_recompiling(tmp_path):
-    model = tiny("mixtral", "grouped_mm", layers=1)
+@pytest.mark.parametrize("mode, family, impl", [("fold", "qwen3_moe", "batched_mm"),
+                                                 ("branch", "mixtral", "grouped_mm")])
+def test_swaps_rank_sets_scale_and_disables_without_recompiling(tmp_path, mode, family, impl):
+    model = tiny(family, impl, layers=1)
     pm, path = peft_adapter(model, tmp_path)
     ids = torch.randint(0, VOCAB, (2, 6))
     want_a = peft_logits(pm, ids)
@@ -187,7 +164,7 @@ def test_branch_swaps_rank_sets_scale_and_disables_without_recompiling(tmp_path)
     base = pm.unload()
     with torch.no_grad():
         want_off = base(ids).logits
-    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode=mode, inner="aot_eager")
     f = torch.compile(base, backend=be, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(f(ids).logits, want_a, atol=1e-4, rtol=1e-4)

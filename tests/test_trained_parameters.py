@@ -100,6 +100,22 @@ def test_fold_in_place_and_modules_to_save_refuse_the_backward_of_a_trained_base
     assert all(p.grad is None for p in model.parameters())
 
 
+def _three_sgd_steps_side_by_side(model, pm, ours: dict, pairs: dict, ids) -> None:
+    """Three SGD steps of ``model`` (parameters ``ours``) and PeftModel ``pm`` (each of ours paired
+    with PEFT's in ``pairs``): losses and every gradient equal at each step."""
+    opts = [torch.optim.SGD(ps, lr=0.5) for ps in (ours.values(), pairs.values())]
+    for _ in range(3):
+        for opt in opts:
+            opt.zero_grad()
+        loss, want = _loss(model, ids), _loss(pm, ids)
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(loss, want, **TOL)
+        torch.testing.assert_close({n: p.grad for n, p in ours.items()}, {n: p.grad for n, p in pairs.items()}, **TOL)
+        for opt in opts:
+            opt.step()
+
+
 PEFT_NAMES = {"lora_fx_A": "lora_A.default.weight", "lora_fx_B": "lora_B.default.weight",
               "lora_fx_B_bias": "lora_B.default.bias", "lora_fx_magnitude": "lora_magnitude_vector.default.weight"}
 
@@ -121,18 +137,8 @@ def test_for_training_trains_lora_bias_and_dora_magnitude_as_peft(tmp_path, vari
     extra = "lora_fx_B_bias" if variant == "lora_bias" else "lora_fx_magnitude"
     assert sum(n.endswith(extra) for n in ours) == 4
     assert set(pairs.values()) == {p for p in theirs.values() if p.requires_grad}  # every parameter PEFT trains
-    opts = [torch.optim.SGD(ps, lr=0.5) for ps in (ours.values(), pairs.values())]
     ids = example_ids()
-    for _ in range(3):
-        for opt in opts:
-            opt.zero_grad()
-        loss, want = _loss(model, ids), _loss(pm, ids)
-        loss.backward()
-        want.backward()
-        torch.testing.assert_close(loss, want, **TOL)
-        torch.testing.assert_close({n: p.grad for n, p in ours.items()}, {n: p.grad for n, p in pairs.items()}, **TOL)
-        for opt in opts:
-            opt.step()
+    _three_sgd_steps_side_by_side(model, pm, ours, pairs, ids)
     trained = model.lora_fx_backend.trained_adapter().state_dict()
     torch.testing.assert_close(trained, peft.get_peft_model_state_dict(pm), **TOL)
     moved = [k for k in trained if "lora_B.bias" in k or "magnitude" in k]
@@ -182,18 +188,8 @@ def test_for_training_trains_modules_to_save_copies_as_peft(tmp_path, saved):
     pairs = {n: theirs["base_model.model." + n.rpartition(".")[0] + "." + names[n.rpartition(".")[2]]] for n in ours}
     assert f"{path.rpartition('.')[0]}.lora_fx_saved_weight" in ours
     assert set(pairs.values()) == {p for p in theirs.values() if p.requires_grad}  # every parameter PEFT trains
-    opts = [torch.optim.SGD(ps, lr=0.5) for ps in (ours.values(), pairs.values())]
     ids = example_ids()
-    for _ in range(3):
-        for opt in opts:
-            opt.zero_grad()
-        loss, want = _loss(model, ids), _loss(pm, ids)
-        loss.backward()
-        want.backward()
-        torch.testing.assert_close(loss, want, **TOL)
-        torch.testing.assert_close({n: p.grad for n, p in ours.items()}, {n: p.grad for n, p in pairs.items()}, **TOL)
-        for opt in opts:
-            opt.step()
+    _three_sgd_steps_side_by_side(model, pm, ours, pairs, ids)
     copied = model.get_parameter(f"{path.rpartition('.')[0]}.lora_fx_saved_weight")
     assert (copied - start).abs().max() > 1e-3
     with torch.no_grad(), model.lora_fx_backend.disabled(), pm.disable_adapter():  # the model's own weight
