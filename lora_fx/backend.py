@@ -123,7 +123,7 @@ class LoraBackend:
         self.model: torch.nn.Module | None = None
         self._seen: set[str] = set()
         self._owners: Owners | None = None  # whose weights a graph gets, shared by the graphs (see binding)
-        self.eager = EagerGuard(self.state)  # targeted modules run outside the compiled graphs (see eager)
+        self.eager = EagerGuard(self.state, self._seen)  # targeted modules run outside the compiled graphs (see eager)
         watch_recompile_limit()
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import eager_experts
 from .diffusers import refuse_call_scale
 from .errors import GraphRewriteError
 from .experts import module_of
@@ -123,11 +124,13 @@ def _own_post(module: torch.nn.Module, args: Any, out: Any) -> Any:
 class EagerGuard:
     """The eager path of one backend's targeted modules on one model (see the module docstring)."""
 
-    def __init__(self, state: Any):
+    def __init__(self, state: Any, seen: set[str] | None = None):
         self.state = state
+        self.seen = set() if seen is None else seen  # expert parameters given their update eagerly
         _install_hooks()
         self.model: torch.nn.Module | None = None
         self.handles: list = []  # the hooks of its modules outside repeated blocks
+        self.experts: list = []  # its experts modules (see eager_experts)
 
     def install(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
         """Guard ``model``'s targeted modules. A module inside a repeated block (a name with an
@@ -141,16 +144,24 @@ class EagerGuard:
                 del _GUARDED[mod]
         for h in self.handles:
             h.remove()
-        self.model, self.handles = model, []
+        for mod in self.experts:
+            eager_experts.unguard(mod)
+        self.model, self.handles, self.experts = model, [], []
         refuse_call_scale(model)
         overridden = {path.rpartition(".")[0] for path in self.state.layout.overrides}
         for fqn, spec in self.state.layout.specs.items():
             mod = modules.get(module_of(fqn, spec))
             if mod is None:
                 continue
-            why = ("its experts' LoRA is applied inside the compiled graphs, where they read the 3-D parameter"
-                   if spec.experts else "its parameter is merged with the adapter inside the compiled graphs"
-                   if spec.param else "the adapter replaces one of its parameters inside the compiled graphs"
+            if spec.experts and eager_experts.runs_eagerly(mod):  # the experts loop never reaches a graph
+                name = module_of(fqn, spec)
+                eager_experts.guard(mod, lambda mod=mod, name=name: self.expert_updates(mod, name))
+                self.experts.append(mod)
+                continue
+            why = ("its experts' LoRA is applied inside the compiled graphs, where grouped_mm / batched_mm read "
+                   "the 3-D parameter" if spec.experts
+                   else "its parameter is merged with the adapter inside the compiled graphs" if spec.param
+                   else "the adapter replaces one of its parameters inside the compiled graphs"
                    if fqn in overridden else None)
             repeated = re.search(r"\.\d+(\.|$)", fqn) is not None
             _GUARDED[mod] = (self, fqn, why, not repeated)
@@ -159,6 +170,23 @@ class EagerGuard:
             else:
                 self.handles += [mod.register_forward_pre_hook(_own_pre),
                                  mod.register_forward_hook(_own_post, always_call=True)]
+
+    def expert_updates(self, module: torch.nn.Module, fqn: str) -> tuple[dict, bool]:
+        """What an eager call of experts module ``fqn`` gives each read of its adapted parameters:
+        the update the compiled graphs would give it (``eager_experts.ExpertUpdates``' arguments)."""
+        state, params = self.state, {}
+        for path, spec in state.layout.specs.items():
+            if not spec.experts or module_of(path, spec) != fqn:
+                continue
+            self.seen.add(path)
+            if not (state.enabled and state._multiplier):
+                continue
+            if state.inplace and (sets := [d for d in state.derived.values() if d.key == path]) \
+                    and all(d.merged for d in sets):
+                continue  # the parameter holds the merge
+            p = getattr(module, path.rpartition(".")[2])
+            params[id(p)] = (p, eager_experts.factors_of(state.live_weights(path, module), spec.experts))
+        return params, state.mode == "fold"
 
     def modules(self, fqns: Iterable[str]) -> list[tuple[int, str]]:
         return [(id(self), f) for f in fqns]

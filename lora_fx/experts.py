@@ -24,11 +24,13 @@ order; the loader takes transformers' (``gate_up_proj`` / ``up_proj`` / ``gate_p
 ``down_proj``) and :func:`expert_problems` checks it against the model.
 
 lora_fx keys such a LoRA by the parameter's full name (``LoraWeights.experts`` = E). Fold mode
-folds it into W' (every experts implementation reads the parameter: the eager loop, ``grouped_mm``,
-``batched_mm``). Branch mode holds A (E, R, in) and B (E, out, R) (:func:`padded_expert_ab`) and
-adds ``(x A_e^T) B_e^T * scale`` to the rows routed to expert e only, inside ``batched_mm``'s bmm
-and ``grouped_mm``'s grouped matmul (see :mod:`lora_fx.passes.experts`); mixed-adapter batches
-are refused (:func:`mixed_problems`).
+folds it into W' (``grouped_mm`` and ``batched_mm`` read the parameter inside the compiled graphs).
+Branch mode holds A (E, R, in) and B (E, out, R) (:func:`padded_expert_ab`) and adds
+``(x A_e^T) B_e^T * scale`` to the rows routed to expert e only, inside ``batched_mm``'s bmm and
+``grouped_mm``'s grouped matmul (see :mod:`lora_fx.passes.experts`). transformers' eager loop
+never reaches a graph (dynamo breaks at its ``nonzero``): it runs eagerly, each of its per-expert
+``linear``s given the update there (:mod:`lora_fx.eager_experts`). Mixed-adapter batches are
+refused (:func:`mixed_problems`).
 """
 
 from __future__ import annotations
@@ -173,8 +175,9 @@ def module_of(fqn: str, spec: object) -> str:
     return fqn.rpartition(".")[0] if getattr(spec, "experts", 0) else fqn
 
 
-# experts implementations whose reads of the 3-D parameters dynamo keeps inside its graphs
-TRACEABLE = ("grouped_mm", "batched_mm")
+# experts implementations lora_fx applies expert LoRA to: the eager loop runs eagerly (see
+# lora_fx.eager_experts), grouped_mm / batched_mm inside the compiled graphs (lora_fx.passes.experts)
+SUPPORTED = ("eager", "grouped_mm", "batched_mm")
 
 
 def implementation(mod: torch.nn.Module | None) -> str | None:
@@ -183,21 +186,15 @@ def implementation(mod: torch.nn.Module | None) -> str | None:
 
 
 def implementation_problems(specs: dict, modules: dict[str, torch.nn.Module]) -> list[str]:
-    """Expert parameters whose module computes with an experts implementation lora_fx cannot
-    reach: transformers' eager loop (``experts_implementation="eager"``, the default) breaks
-    dynamo's graph at its ``nonzero`` and runs the loop over the experts outside every graph,
-    so a folded W' would never be read there; other implementations are not checked."""
+    """Expert parameters whose module computes with an experts implementation lora_fx has not
+    verified (a kernel of its own, e.g. ``deepgemm``); a module with no implementation set runs
+    its own forward, read as the eager loop is."""
     out = []
     for fqn, spec in specs.items():
         mod = modules.get(module_of(fqn, spec)) if getattr(spec, "experts", 0) else None
-        if mod is None:
-            continue
         impl = implementation(mod)
-        if impl not in TRACEABLE:
-            why = ("its loop over the experts runs outside the compiled graphs (dynamo breaks the graph at the "
-                   "loop's nonzero), where the adapter cannot reach" if impl in (None, "eager")
-                   else "lora_fx has not verified that it reads the parameter inside the compiled graphs")
-            out.append(f"{fqn}: {type(mod).__name__} computes with experts implementation {impl or 'eager'!r}: {why}; "
-                       f"expected one of {list(TRACEABLE)}: call model.set_experts_implementation('grouped_mm') "
-                       "(or 'batched_mm') before compiling")
+        if mod is not None and impl is not None and impl not in SUPPORTED:
+            out.append(f"{fqn}: {type(mod).__name__} computes with experts implementation {impl!r}, which lora_fx "
+                       f"has not verified to read the parameter where the adapter reaches it; expected one of "
+                       f"{list(SUPPORTED)}: call model.set_experts_implementation('grouped_mm') before compiling")
     return out
