@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import GraphRewriteError, raise_if
+from .experts import module_of
 from .slots import ModuleSpec
 
 # A / B's names on their modules once attached (then lora_B's bias and DoRA's magnitude, where trained)
@@ -18,6 +19,18 @@ ATTACHED = {"lora_a": "lora_fx_A", "lora_b": "lora_fx_B", "lora_b_bias": "lora_f
             "magnitude": "lora_fx_magnitude"}
 
 SAVED = "lora_fx_saved_"  # a modules_to_save copy's name on its module once attached: lora_fx_saved_<param>
+
+
+def attached_name(fqn: str, spec: ModuleSpec, role: str) -> str:
+    """The attribute A / B (``role``) of ``fqn`` has on its module once attached: an experts module
+    holds one pair per adapted 3-D parameter, ``lora_fx_A_<param>`` / ``lora_fx_B_<param>``."""
+    return f"{ATTACHED[role]}_{fqn.rpartition('.')[2]}" if spec.experts else ATTACHED[role]
+
+
+def is_attached_name(name: str) -> bool:
+    """Whether a parameter's name (``model.named_parameters()``) is one ``attach`` registered."""
+    last = name.rpartition(".")[2]
+    return last in ATTACHED.values() or last.startswith(("lora_fx_A_", "lora_fx_B_", SAVED))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +89,7 @@ class Distributed:
         checked = False
         for fqn, mod in self.attached.items():
             w = getattr(mod, "weight", None)
-            if not hasattr(w, "device_mesh"):
+            if not hasattr(w, "device_mesh") or self.layout.specs[fqn].experts:
                 continue
             if not checked:  # a sharded weight: FSDP2's (left alone from now on) or tensor parallel's
                 raise_if([f"{f}: DoRA's norm needs the full A and B on every rank" for f in self.attached
@@ -111,12 +124,8 @@ class Distributed:
             problems.append("attach: expected a branch-mode backend with one adapter set (fold mode has nothing to "
                             "train; its W' follows the base weight wherever it lives)")
         for fqn in self._own:
-            spec, mod = self.layout.specs[fqn], modules.get(fqn)
-            if spec.experts:
-                problems.append(f"{fqn}: LoRA on a 3-D expert parameter cannot be attached yet (each parameter of the "
-                                "experts module would need its own lora_fx_A / lora_fx_B); train it with "
-                                "be.parameters() on an unwrapped model, without for_training or FSDP2")
-                continue
+            spec = self.layout.specs[fqn]
+            mod = modules.get(module_of(fqn, spec))
             if mod is None:
                 problems.append(f"{fqn}: the model has no such module")
                 continue
@@ -141,8 +150,9 @@ class Distributed:
             if getattr(modules[module], SAVED + param, None) is not p:
                 modules[module].register_parameter(SAVED + param, p)
         for fqn, t in self._own.items():
-            mod = modules[fqn]
+            mod = modules[module_of(fqn, self.layout.specs[fqn])]
             for role in t:
-                if getattr(mod, ATTACHED[role], None) is not t[role]:
-                    mod.register_parameter(ATTACHED[role], t[role])
+                name = attached_name(fqn, self.layout.specs[fqn], role)
+                if getattr(mod, name, None) is not t[role]:
+                    mod.register_parameter(name, t[role])
             self.attached[fqn] = mod

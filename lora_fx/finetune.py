@@ -27,7 +27,7 @@ from . import targets
 from .adapter import Adapter
 from .backend import LoraBackend
 from .config import LoraConfig
-from .distributed import ATTACHED, SAVED, _full
+from .distributed import _full, is_attached_name
 from .errors import AdapterConfigError, raise_if
 from .loading import init_adapter
 from .quantized import module_format
@@ -175,5 +175,5 @@ def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike, *, i
         return
     adapter.save(save_directory)
     ab = {name: _full(p).detach().cpu().contiguous() for name, p in model.named_parameters()
-          if name.rpartition(".")[2] in ATTACHED.values() or name.rpartition(".")[2].startswith(SAVED)}
+          if is_attached_name(name)}
     save_file(ab, os.path.join(save_directory, CHECKPOINT_FILE), metadata={"format": "pt"})

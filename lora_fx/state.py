@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .derived import Builders, Derived, stamp
-from .distributed import ATTACHED, Distributed
+from .distributed import Distributed, attached_name
 from .dropout import LoraDropout
 from .errors import AdapterConfigError, SwapError, raise_if
 from .experts import mixed_problems
@@ -109,7 +109,8 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         if not self.attached:
             return self._own
         self._settle()
-        return {fqn: {role: getattr(self.attached[fqn], ATTACHED[role]) for role in own}
+        specs = self.layout.specs
+        return {fqn: {role: getattr(self.attached[fqn], attached_name(fqn, specs[fqn], role)) for role in own}
                 for fqn, own in self._own.items()}
 
     # -- derived tensors ------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class LoraState(Distributed, Weights, Builders, InPlaceFold):
         ab = self.trainable[fqn]
         if fqn in self.attached:
             for role in ab:
-                self.sources[id(ab[role])] = (ab[role], self.attached[fqn], ATTACHED[role])
+                self.sources[id(ab[role])] = (ab[role], self.attached[fqn], attached_name(fqn, spec, role))
         if self.dropout.compiled and kind not in ("embedding", "param"):
             return {**ab, **d.tensors, "dropout": self.dropout.tensor(weight.device)}, d
         return {**ab, **d.tensors}, d

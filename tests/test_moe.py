@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -284,12 +285,29 @@ def test_branch_on_an_expert_read_it_cannot_rewrite_is_refused_by_name(tmp_path,
         compiled_logits(base, be, torch.randint(0, VOCAB, (1, 4)))
 
 
-def test_expert_lora_cannot_be_attached_for_training_yet(tmp_path):
-    pm, path = peft_adapter(tiny("mixtral", "batched_mm"), tmp_path)
-    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
-    with pytest.raises(GraphRewriteError, match=r"experts\.down_proj: LoRA on a 3-D expert parameter cannot be "
-                                                r"attached yet.*be\.parameters\(\)"):
-        be.attach(pm.unload())
+@pytest.mark.parametrize("impl", ["batched_mm", "eager"])
+def test_trainer_trains_expert_lora_as_peft(tmp_path, impl):
+    """for_training registers each adapted expert parameter's A / B on the experts module
+    (lora_fx_A_gate_up_proj ...): transformers' Trainer logs PEFT's losses and grad norms, and the
+    saved adapter loads in PEFT with the trained values."""
+    from tests.test_finetune import _train, assert_logs_as_peft
+
+    pm, path = peft_adapter(tiny("mixtral", impl, layers=1), tmp_path, lora_alpha=32)  # grad norms clipped
+    base = copy.deepcopy(pm.unload())
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), path, is_trainable=True)
+    model = lora_fx.for_training(copy.deepcopy(base), lora_fx.load_adapter(path), inner="aot_eager")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.layers.0.mlp.experts.lora_fx_A_gate_up_proj", "model.layers.0.mlp.experts.lora_fx_B_down_proj",
+            "model.layers.0.self_attn.q_proj.lora_fx_A"} <= names and len(names) == 8
+    theirs = _train(pm, str(tmp_path / "peft"))
+    ours = _train(model, str(tmp_path / "ours"))
+    assert_logs_as_peft(ours, theirs)
+    model.save_pretrained(str(tmp_path / "saved"))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "saved"))
+    want = peft.get_peft_model_state_dict(pm)
+    torch.testing.assert_close(peft.get_peft_model_state_dict(loaded), want, atol=1e-5, rtol=1e-5)
+    start = lora_fx.load_adapter(path).state_dict()
+    assert all((want[k] - start[k]).abs().max() > 1e-4 for k in want if "experts" in k), "the experts' LoRA trained"
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
