@@ -9,8 +9,9 @@ drawn from the traffic (Zipf(1.0) over the registered names, or uniform), entere
 ``--context``-token prompt, no KV cache). Reported: decode calls' p50 / p99 latency and rows/s,
 against all adapters resident (a mixed backend with one slot per adapter; up to
 ``--resident-max``) and PEFT eager with ``adapter_names`` (up to ``--peft-max``); time to first
-call for a cold adapter (from disk) and a warm (resident) one; the resident rows' p99 while another
-thread loads cold adapters; an all-None batch against the compiled base model.
+call for a cold adapter (from disk) and a warm (resident) one; the resident rows' p50 / p99 while
+another thread loads cold adapters, and how much of it they waited for the backend's lock; an
+all-None batch against the compiled base model.
 """
 
 from __future__ import annotations
@@ -60,6 +61,28 @@ def traffic(names: list[str], kind: str, seed: int):
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class WaitTimed:
+    """The backend's lock, adding up how long one thread (``thread``) waits to take it."""
+
+    def __init__(self, lock):
+        self.lock, self.waited, self.thread = lock, 0.0, None
+
+    def acquire(self, *args, **kwargs) -> bool:
+        t = time.perf_counter()
+        got = self.lock.acquire(*args, **kwargs)
+        if threading.get_ident() == self.thread:
+            self.waited += time.perf_counter() - t
+        return got
+
+    def release(self) -> None:
+        self.lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 def run(step, enter, names, kind, args) -> dict[str, float]:
@@ -168,8 +191,12 @@ def main() -> None:
     for n in hot:
         be.pin(n)
 
-    def resident_p99(loading: bool) -> float:
-        stop, times = threading.Event(), []
+    lock = WaitTimed(be.state.lock)
+    be.state.lock = be.lock = lock
+
+    def resident_p99(loading: bool) -> tuple[float, float, float, float]:
+        stop, times, waits = threading.Event(), [], []
+        lock.thread = threading.get_ident()
 
         def loader():
             k = 0
@@ -184,18 +211,22 @@ def main() -> None:
             t.start()
         for _ in range(args.steps):
             with be.using(hot * 2):
-                s = time.perf_counter()
+                s, w = time.perf_counter(), lock.waited
                 pool_step(input_ids=ids)
                 times.append(1e3 * (time.perf_counter() - s))
+                waits.append(1e3 * (lock.waited - w))
         stop.set()
         if t:
             t.join()
-        return pct(times, 0.5), pct(times, 0.99)
+        return pct(times, 0.5), pct(times, 0.99), pct(waits, 0.5), pct(waits, 0.99)
 
     quiet, busy = resident_p99(False), resident_p99(True)
     lines += [f"| resident rows' call, p50 / p99, no loads | {quiet[0]:.2f} / {quiet[1]:.2f} |",
               f"| resident rows' call, p50 / p99, another thread loading cold adapters | {busy[0]:.2f} / "
-              f"{busy[1]:.2f} |"]
+              f"{busy[1]:.2f} |",
+              f"| of which waiting for the backend lock, p50 / p99, no loads | {quiet[2]:.3f} / {quiet[3]:.3f} |",
+              f"| of which waiting for the backend lock, p50 / p99, another thread loading | {busy[2]:.3f} / "
+              f"{busy[3]:.3f} |"]
 
     def timed(f, n=args.steps):
         for _ in range(args.warmup):

@@ -106,19 +106,29 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
                 table.seen = [state.generation, state.changes]
             if device is not None and state.device != device:  # the model moved back and forth
                 state.place(device)
-            if state.selection is not None:  # this thread's rows (checked against the batch), into index / rows
-                state.selection.apply(None if done.batch is None else _batch_size(done.batch, args))
-                if base is not None and state.selection.all_base():
-                    return base(*args)  # no row has an adapter: the graph without the branch
+            own, graph = None, compiled
+            if state.selection is not None:  # this thread's rows (checked against the batch)
+                own = state.selection.apply(None if done.batch is None else _batch_size(done.batch, args))
+                if base is not None and state.selection.all_base():  # no row has an adapter
+                    if own is None:
+                        return base(*args)
+                    graph, tensors = base, ()  # the graph without the branch
             if state.dropout.compiled:  # the rate the graphs' lora_dropout reads: 0 outside train mode
                 model = eager.model if eager is not None else None
                 state.dropout.set_for_call(state.adapters, model.training if model is not None else True)
-            tensors = table.tensors(args)
-            if eager is not None and any_pending():  # a module runs eagerly around this graph (its forward compiled)
-                computed_by_graph(eager.modules(table.modules))
-            if dropped:
-                args = [a for i, a in enumerate(args) if i not in dropped]
-            out = compiled(*args, *tensors)
+            if graph is compiled:
+                tensors = table.tensors(args)
+                if eager is not None and any_pending():  # a module runs eagerly around this graph
+                    computed_by_graph(eager.modules(table.modules))
+                if dropped:
+                    args = [a for i, a in enumerate(args) if i not in dropped]
+                if own is not None:  # this thread's selection, in place of the shared one
+                    shared = (state.selection.index, state.selection.rows)
+                    tensors = [own[0] if t is shared[0] else own[1] if t is shared[1] else t for t in tensors]
+            if own is None:
+                out = compiled(*args, *tensors)
+        if own is not None:  # a using block: its slots are held, no other thread writes them (see pool)
+            out = graph(*args, *tensors)
         _refuse_backward(out, refused)
         return out
 

@@ -180,9 +180,10 @@ class Selection:
     A selection is a tuple of slot numbers (0: the base model) and a beam count: a call's batch
     must hold exactly ``len(rows) * beams`` rows (each row repeated for its beams, as PEFT's
     ``adapter_names`` with ``num_beams``). ``select`` sets the selection every thread reads;
-    ``push`` / ``pop`` set one for the calling thread alone (a pool's ``using`` block). Each
-    compiled call writes its thread's selection into ``index`` / ``rows`` under the state lock
-    (``apply``), so a call never reads another thread's rows.
+    ``push`` / ``pop`` set one for the calling thread alone (a pool's ``using`` block), held in
+    the thread's own ``index`` / ``rows`` that its calls read instead (``apply``); a call under a
+    ``select`` writes the shared ones and runs under the state lock. A call never reads another
+    thread's rows.
     """
 
     def __init__(self, names: Sequence[str]):
@@ -223,20 +224,36 @@ class Selection:
         cur = self.current()
         return cur is None or not any(cur[0])
 
-    def apply(self, batch: int | None) -> None:
+    def apply(self, batch: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Before a call of ``batch`` rows (None: not known): check it against the calling thread's
-        selection and write that selection into ``index`` / ``rows`` (hold the state lock)."""
+        selection. Inside a block (``push``) return the thread's own ``(index, rows)`` holding it,
+        which the call reads in place of the shared ones (so it may run while other threads call
+        or fill slots its block does not hold); otherwise write the selection into the shared
+        ``index`` / ``rows`` (hold the state lock while the call runs) and return None."""
         cur = self.current()
         if cur is not None and batch is not None and batch != len(cur[0]) * cur[1]:
             n, k = len(cur[0]), cur[1]
             raise SwapError(f"mixed batch: expected {n * k} rows ({n} selected" + (f" x {k} beams" if k > 1 else "")
                             + f"), found a batch of {batch}; select one name per row of this batch, or declare "
                             "beams (select(rows, beams=k) / using(rows, beams=k)) when the model repeats each row")
+        if getattr(self.local, "stack", None):
+            own = getattr(self.local, "own", None)
+            if own is None or own[0].device != self.index.device:
+                own = self.local.own = [torch.zeros_like(self.index), torch.ones_like(self.rows), None]
+            if own[2] != cur:
+                _write(own[0], own[1], cur)
+                own[2] = cur
+            return own[0], own[1]
         if cur != self.written:
-            slots, beams = cur or ((0,), 1)
-            self.index[: len(slots)] = torch.tensor(slots)
-            self.rows.fill_(len(slots))
+            _write(self.index, self.rows, cur)
             self.written = cur
+        return None
 
     def to(self, device: torch.device) -> None:
         self.index, self.rows = self.index.to(device), self.rows.to(device)
+
+
+def _write(index: torch.Tensor, rows: torch.Tensor, selection: tuple[tuple[int, ...], int] | None) -> None:
+    slots = selection[0] if selection is not None else (0,)
+    index[: len(slots)] = torch.tensor(slots)
+    rows.fill_(len(slots))
