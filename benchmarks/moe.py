@@ -251,7 +251,7 @@ def main(argv=None) -> int:
             res[impl, group] = run_job(given, f"{impl}:{group}", env)
             print(f"[moe] {impl} {group}: done in {time.time() - t:.0f}s", flush=True)
     heads = max(1, args.hidden // 64) if args.hidden >= 256 else 4
-    lines = [f"CPU ({os.cpu_count()} cores, shared), fp32; transformers {__import__('transformers').__version__}, "
+    lines = [f"CPU ({os.cpu_count()} cores), fp32; transformers {__import__('transformers').__version__}, "
              f"torch {torch.__version__}, peft {__import__('peft').__version__}. Mixtral hidden {args.hidden}, "
              f"{args.layers} layers, {heads} heads / {max(1, heads // 4)} KV heads, {args.experts} experts top-"
              f"{args.top_k}, expert intermediate {args.intermediate}, vocab {args.vocab}, random weights. Adapter "
