@@ -294,8 +294,9 @@ class PoolBackend(LoraBackend):
         try:
             for s in fill:
                 adapter = self.registry.adapter(self.residency.names[s])  # no lock held while reading
-                with self.lock:  # between calls: no running block holds this slot
-                    self.state.update(adapters={self.slot_names[s]: adapter})
+                tensors = self.state.slot_tensors(self.slot_names[s], adapter)  # nor while padding
+                with self.lock:  # no running block holds this slot: only the copies
+                    self.state.fill_slot(self.slot_names[s], adapter, tensors)
                 self.residency.ready[s].set()
                 fill = [x for x in fill if x != s]
             for s in slots.values():  # filled by another block

@@ -69,14 +69,43 @@ class Weights:
                 for role, v in self._initial_extras(fqn).items():
                     _copy_full(t[role], v)
                 continue
-            spec = self.layout.specs[fqn]
+            vocab = self.layout.specs[fqn].shape[1] if self.layout.specs[fqn].embedding else 0
             for i, k in enumerate(slots):
-                if spec.embedding:
-                    vocab = spec.shape[1]
-                    t["lora_a"][(k + 1) * vocab:(k + 2) * vocab].copy_(a[(i + 1) * vocab:(i + 2) * vocab])
-                else:
-                    t["lora_a"][k + 1].copy_(a[i + 1])
-                t["lora_b"][k + 1].copy_(b[i + 1])
+                self._copy_slot(fqn, k, a[(i + 1) * vocab:(i + 2) * vocab] if vocab else a[i + 1], b[i + 1])
+
+    def _copy_slot(self, fqn: str, k: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write one slot's A / B of module ``fqn`` into the stacked tensors (slot 0 is all zeros)."""
+        t, spec = self.trainable[fqn], self.layout.specs[fqn]
+        if spec.embedding:
+            vocab = spec.shape[1]
+            t["lora_a"][(k + 1) * vocab:(k + 2) * vocab].copy_(a)
+        else:
+            t["lora_a"][k + 1].copy_(a)
+        t["lora_b"][k + 1].copy_(b)
+
+    def slot_tensors(self, name: str, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``adapter``'s A / B for one slot of a mixed set, checked and padded as the graphs hold
+        them: made without the state lock (they read only the layout), for :meth:`fill_slot`.
+
+        Raises:
+            SwapError: the adapter does not fit the compiled graphs.
+        """
+        from .slots import AdapterSet
+
+        one = AdapterSet({name: adapter})
+        raise_if(self.layout.problems(one, self.mode), SwapError, f"cannot load {name!r} without recompiling:")
+        return {fqn: padded_ab(one.weights(0, fqn), self.layout.rank, spec.shape, spec.kernel, spec.dtype,
+                               spec.embedding) for fqn, spec in self.layout.specs.items()}
+
+    def fill_slot(self, slot: str, adapter: Adapter, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put ``adapter`` into mixed slot ``slot`` with its :meth:`slot_tensors` (hold the state
+        lock; a swap of one slot that copies and nothing more)."""
+        k = self.layout.names.index(slot)
+        self.adapters = self.adapters.replace({slot: adapter})
+        with torch.no_grad():
+            for fqn, (a, b) in tensors.items():
+                self._copy_slot(fqn, k, a, b)
+        self.generation += 1
 
     def place(self, device: torch.device) -> None:
         """Keep A, B and the selection on the model's device (the parameters stay the same objects)."""
