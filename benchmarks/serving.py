@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -113,7 +114,12 @@ def main() -> None:
     p.add_argument("--resident-max", type=int, default=256)
     p.add_argument("--peft-max", type=int, default=256)
     p.add_argument("--out", default=None)
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval (s): how long a Python thread may keep the GIL from a waiting one")
+    p.add_argument("--only-loads", action="store_true", help="only the resident rows' calls with and without loads")
     args = p.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     counts = [int(c) for c in args.counts.split(",")]
     torch.set_grad_enabled(False)
     lines = [f"# Serving pool: batch 8, {args.slots} slots ({args.inner}, CPU, {torch.get_num_threads()} threads, "
@@ -135,7 +141,7 @@ def main() -> None:
     def pool_call(ids, rows):
         pool_step(input_ids=ids)
 
-    for count in counts:
+    for count in [] if args.only_loads else counts:
         for kind in ("zipf", "uniform"):
             r = run(pool_call, be.using, names[:count], kind, args)
             lines.append(f"| {count} | {kind} | pool, {args.slots} slots | {r['p50']:.2f} | {r['p99']:.2f} | "
