@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval (s): how long a Python thread may keep the GIL from a waiting one")
+    p.add_argument("--load-every", type=float, default=0.0,
+                   help="ms between the loading thread's loads (0: back to back)")
     p.add_argument("--only-loads", action="store_true", help="only the resident rows' calls with and without loads")
     args = p.parse_args()
     if args.switch_interval is not None:
@@ -207,10 +209,11 @@ def main() -> None:
         def loader():
             k = 0
             while not stop.is_set():
-                name = cold_names[k % len(cold_names)] if k % 2 else names[-1 - k]
+                name = cold_names[k % len(cold_names)] if k % 2 else names[-1 - k % len(names)]
                 with be.using([name]):
                     pass
                 k += 1
+                stop.wait(args.load_every / 1e3)  # 0: a busy loop of loads
 
         t = threading.Thread(target=loader) if loading else None
         if t:
@@ -228,7 +231,8 @@ def main() -> None:
 
     quiet, busy = resident_p99(False), resident_p99(True)
     lines += [f"| resident rows' call, p50 / p99, no loads | {quiet[0]:.2f} / {quiet[1]:.2f} |",
-              f"| resident rows' call, p50 / p99, another thread loading cold adapters | {busy[0]:.2f} / "
+              f"| resident rows' call, p50 / p99, another thread loading cold adapters"
+              f"{f' (one every {args.load_every:g} ms)' if args.load_every else ' (back to back)'} | {busy[0]:.2f} / "
               f"{busy[1]:.2f} |",
               f"| of which waiting for the backend lock, p50 / p99, no loads | {quiet[2]:.3f} / {quiet[3]:.3f} |",
               f"| of which waiting for the backend lock, p50 / p99, another thread loading | {busy[2]:.3f} / "
