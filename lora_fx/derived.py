@@ -130,25 +130,7 @@ class Builders:
                 else d.tensors["row_scale"].fill_(1.0)
 
     def _refresh_branch(self, d: Derived, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        spec, m, rank = self.layout.specs[d.key], self._multiplier, self.layout.rank
-        ab = self.trainable[d.key]
-        per_slot = []
-        for k in range(self.layout.slots):
-            ws = self.adapters.weights(k, d.key) if m else []
-            c = {"scale": rank_scale(ws, rank, m, spec.dtype), "lora_bias": lora_bias(ws, m, spec.shape[0], spec.dtype),
-                 "bias_scale": torch.tensor([bias_parts(ws, spec.shape[0], spec.dtype)[1] * m], dtype=spec.dtype)}
-            if spec.dora and any(w.magnitude is not None for w in ws):
-                a, b = (ab["lora_a"][k + 1], ab["lora_b"][k + 1]) if self.mixed else (ab["lora_a"], ab["lora_b"])
-                dev = weight.device
-                delta = dora_delta(a, b, c["scale"].to(dev), d.kind, ws[0].rank, spec.groups)
-                if self.mixed:
-                    c["dora_scale"], c["dora_bias"] = dora_coefficients(
-                        as_out_in(weight, d.kind), bias, delta, ws[0].magnitude.to(dev))
-                else:  # the graph multiplies by the trained magnitude
-                    c["dora_inv_norm"] = dora_coefficients(as_out_in(weight, d.kind), None, delta,
-                                                           torch.ones(spec.shape[0], device=dev))[0]
-                    c["dora_off"] = torch.zeros(1, dtype=weight.dtype, device=dev)
-            per_slot.append(c)
+        per_slot = [self._slot_coefficients(d, k, weight, bias) for k in range(self.layout.slots)]
         for role, t in d.tensors.items():
             values = [c.get(role) for c in per_slot]
             values = [torch.full_like(t[0] if self.mixed else t, IDENTITY.get(role, 0.0)) if v is None else v
@@ -159,3 +141,38 @@ class Builders:
                     t[k + 1].copy_(v)
             else:
                 _copy_full(t, values[0])
+
+    def _slot_coefficients(self, d: Derived, k: int, weight: torch.Tensor,
+                           bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Branch mode's per-slot values of module ``d.key`` for the adapters of slot ``k``."""
+        spec, m, rank = self.layout.specs[d.key], self._multiplier, self.layout.rank
+        ab = self.trainable[d.key]
+        ws = self.adapters.weights(k, d.key) if m else []
+        c = {"scale": rank_scale(ws, rank, m, spec.dtype), "lora_bias": lora_bias(ws, m, spec.shape[0], spec.dtype),
+             "bias_scale": torch.tensor([bias_parts(ws, spec.shape[0], spec.dtype)[1] * m], dtype=spec.dtype)}
+        if spec.dora and any(w.magnitude is not None for w in ws):
+            a, b = (ab["lora_a"][k + 1], ab["lora_b"][k + 1]) if self.mixed else (ab["lora_a"], ab["lora_b"])
+            dev = weight.device
+            delta = dora_delta(a, b, c["scale"].to(dev), d.kind, ws[0].rank, spec.groups)
+            if self.mixed:
+                c["dora_scale"], c["dora_bias"] = dora_coefficients(
+                    as_out_in(weight, d.kind), bias, delta, ws[0].magnitude.to(dev))
+            else:  # the graph multiplies by the trained magnitude
+                c["dora_inv_norm"] = dora_coefficients(as_out_in(weight, d.kind), None, delta,
+                                                       torch.ones(spec.shape[0], device=dev))[0]
+                c["dora_off"] = torch.zeros(1, dtype=weight.dtype, device=dev)
+        return c
+
+    def refresh_slot(self, d: Derived, k: int) -> bool:
+        """Mixed branch mode: rewrite slot ``k``'s row of ``d``'s per-slot values in place, from
+        the adapters as they are now (the other rows, which running calls may read, untouched).
+        False where a row alone cannot be made current (DoRA's, computed from the base weight:
+        left to the next call's check)."""
+        if not (self.mixed and self.mode == "branch") or self.layout.specs[d.key].dora or d.kind == "override":
+            return False
+        c = self._slot_coefficients(d, k, *d.base)
+        with torch.no_grad():
+            for role, t in d.tensors.items():
+                v = c.get(role)
+                t[k + 1].fill_(IDENTITY.get(role, 0.0)) if v is None else t[k + 1].copy_(v)
+        return True

@@ -105,7 +105,11 @@ class Weights:
         with torch.no_grad():
             for fqn, (a, b) in tensors.items():
                 self._copy_slot(fqn, k, a, b)
-        self.generation += 1
+        # this slot's row of each module's per-slot values, in place: the next call recomputes
+        # nothing else (every module's, for every slot, when one cannot be done so)
+        current = [d for d in self.derived.values() if d.generation == self.generation]
+        if not all([self.refresh_slot(d, k) for d in current]):
+            self.generation += 1
 
     def place(self, device: torch.device) -> None:
         """Keep A, B and the selection on the model's device (the parameters stay the same objects)."""
