@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from . import eager_experts, inplace
 from . import graph as g
-from . import inplace
 from .binding import Binder, base_table, bound_table
 from .eager import EagerGuard, any_pending, computed_by_graph
 from .errors import GraphRewriteError, raise_if
@@ -116,6 +116,8 @@ def bind(compiled: Callable, extra: tuple, state: LoraState, done: Rewritten, bi
             if state.dropout.compiled:  # the rate the graphs' lora_dropout reads: 0 outside train mode
                 model = eager.model if eager is not None else None
                 state.dropout.set_for_call(state.adapters, model.training if model is not None else True)
+            if eager is not None and eager.experts:  # experts modules running eagerly next are this call's
+                eager_experts.running(eager)
             if graph is compiled:
                 tensors = table.tensors(args)
                 if eager is not None and any_pending():  # a module runs eagerly around this graph

@@ -145,7 +145,7 @@ class EagerGuard:
         for h in self.handles:
             h.remove()
         for mod in self.experts:
-            eager_experts.unguard(mod)
+            eager_experts.unguard(mod, self)
         self.model, self.handles, self.experts = model, [], []
         refuse_call_scale(model)
         overridden = {path.rpartition(".")[0] for path in self.state.layout.overrides}
@@ -155,7 +155,7 @@ class EagerGuard:
                 continue
             if spec.experts and eager_experts.runs_eagerly(mod):  # the experts loop never reaches a graph
                 name = module_of(fqn, spec)
-                eager_experts.guard(mod, lambda mod=mod, name=name: self.expert_updates(mod, name))
+                eager_experts.guard(mod, self, lambda mod=mod, name=name: self.expert_updates(mod, name))
                 self.experts.append(mod)
                 continue
             why = ("its experts' LoRA is applied inside the compiled graphs, where grouped_mm / batched_mm read "
@@ -175,6 +175,8 @@ class EagerGuard:
         """What an eager call of experts module ``fqn`` gives each read of its adapted parameters:
         the update the compiled graphs would give it (``eager_experts.ExpertUpdates``' arguments)."""
         state, params = self.state, {}
+        if getattr(_LOCAL, "off", False):  # the reference math applies its own
+            return params, state.mode == "fold"
         for path, spec in state.layout.specs.items():
             if not spec.experts or module_of(path, spec) != fqn:
                 continue

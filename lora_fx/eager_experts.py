@@ -20,7 +20,9 @@ Every form is PEFT's ``x W'[e]^T`` for each routed row; autograd reaches A / B.
 
 from __future__ import annotations
 
+import copyreg
 import functools
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .errors import GraphRewriteError
 from .experts import expert_factors, implementation
 
 TRACEABLE = ("grouped_mm", "batched_mm")  # read inside the compiled graphs (lora_fx.passes.experts)
@@ -90,8 +93,8 @@ class ExpertUpdates(TorchFunctionMode):
 
 
 def _delta(factors: list, idx: Any, dtype: torch.dtype) -> torch.Tensor:
-    """scale * B[idx] @ A[idx] summed over the adapters: the update of the gathered experts."""
-    return sum((b[idx] @ a[idx]) * s for a, b, s in factors).to(dtype)
+    """scale * B[idx] @ A[idx] summed over the adapters, in the parameter's dtype (as PEFT folds)."""
+    return sum((b[idx].to(dtype) @ a[idx].to(dtype)) * s for a, b, s in factors)
 
 
 def _routed(x: torch.Tensor, factors: list, idx: Any, matmul) -> torch.Tensor:
@@ -108,38 +111,58 @@ def _routed(x: torch.Tensor, factors: list, idx: Any, matmul) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def guard(module: torch.nn.Module, updates: Callable[[], tuple[dict, bool]]) -> None:
-    """Give ``module`` (an experts module computing with the eager loop) its update at every call:
-    ``updates()`` gives the ``ExpertUpdates`` arguments for one call. Its class becomes a subclass
-    (one per class, so repeated layers keep sharing dynamo's graphs) whose ``forward`` runs the
-    module's own without dynamo, under the mode; :func:`unguard` gives the class back."""
-    _GUARDS[module] = updates
+def guard(module: torch.nn.Module, owner: object, updates: Callable[[], tuple[dict, bool]]) -> None:
+    """Give ``module`` (an experts module computing with the eager loop) the update of backend
+    ``owner`` (its EagerGuard) at every call: ``updates()`` gives the ``ExpertUpdates`` arguments
+    for one call. Its class becomes a subclass (one per class, so repeated layers keep sharing
+    dynamo's graphs) whose ``forward`` runs the module's own without dynamo, under the mode;
+    :func:`unguard` gives the class back once no backend guards it."""
+    _GUARDS.setdefault(module, {})[id(owner)] = updates
     if not getattr(type(module), "_lora_fx_eager_experts", False):
         module.__class__ = _guarded_class(type(module))
 
 
-def unguard(module: torch.nn.Module) -> None:
-    _GUARDS.pop(module, None)
-    if getattr(type(module), "_lora_fx_eager_experts", False):
+def unguard(module: torch.nn.Module, owner: object) -> None:
+    owners = _GUARDS.get(module, {})
+    owners.pop(id(owner), None)
+    if not owners and getattr(type(module), "_lora_fx_eager_experts", False):
+        _GUARDS.pop(module, None)
         module.__class__ = type(module)._lora_fx_base
 
 
-_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def running(owner: object) -> None:
+    """A compiled graph of backend ``owner`` runs in this thread: the experts modules that run
+    eagerly next (between its graphs) are its call's."""
+    _LOCAL.owner = id(owner)
+
+
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> id(EagerGuard) -> updates
+_LOCAL = threading.local()
 
 
 @functools.cache
 def _guarded_class(cls: type) -> type:
+    def __reduce_ex__(self, protocol):  # pickled, deep-copied as the class it was: a backend does not travel
+        return copyreg._reconstructor, (cls, object, None), self.__getstate__()
+
     return type(cls.__name__, (cls,), {"forward": _forward, "_lora_fx_eager_experts": True, "_lora_fx_base": cls,
+                                       "__reduce_ex__": __reduce_ex__,
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 @torch._dynamo.disable
 def _forward(self, *args, **kwargs):
-    """A guarded experts module's forward: its own, run without dynamo, under the mode while a
-    backend guards it."""
+    """A guarded experts module's forward: its own, run without dynamo, under the mode with the
+    update of the backend whose graphs this call runs (the only one, when one guards it)."""
     base = type(self)._lora_fx_base
-    updates = _GUARDS.get(self)
+    owners = _GUARDS.get(self) or {}
+    updates = owners.get(getattr(_LOCAL, "owner", None)) or (next(iter(owners.values())) if len(owners) == 1
+                                                              else None)
     if updates is None:
+        if owners:
+            raise GraphRewriteError(f"{type(self).__name__} (an experts module with expert LoRA from {len(owners)} "
+                                    "backends) ran eagerly outside any backend's compiled call, so which adapter "
+                                    "applies is not known; call it through the compiled model")
         return base.forward(self, *args, **kwargs)
     params, fold = updates()
     with ExpertUpdates(params, fold):

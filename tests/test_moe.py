@@ -354,3 +354,62 @@ def test_an_experts_implementation_lora_fx_has_not_verified_is_refused_by_name(t
     with pytest.raises(GraphRewriteError, match=r"experts\.gate_up_proj: MixtralExperts computes with experts "
                                                 r"implementation 'deepgemm'.*set_experts_implementation"):
         be.check(base)
+
+
+def test_two_backends_on_one_eager_loop_model_each_apply_their_own_adapter(tmp_path):
+    pm_a, path_a = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path, "a")
+    pm_b, path_b = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path, "b", seed=7)  # the same base weights
+    ids = torch.randint(0, VOCAB, (2, 5))
+    want_a, want_b, base = peft_logits(pm_a, ids), peft_logits(pm_b, ids), pm_a.unload()
+    plain = peft_logits(base, ids)
+    be_a = lora_fx.backend(lora_fx.load_adapter(path_a), mode="branch", inner="aot_eager")
+    be_b = lora_fx.backend(lora_fx.load_adapter(path_b), mode="fold", inner="aot_eager")
+    f_a, f_b = torch.compile(base, backend=be_a), torch.compile(base, backend=be_b)
+    with torch.no_grad():
+        torch.testing.assert_close(f_a(ids).logits, want_a, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f_b(ids).logits, want_b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f_a(ids).logits, want_a, atol=1e-4, rtol=1e-4)  # the experts follow the call
+        with be_a.disabled():
+            torch.testing.assert_close(f_a(ids).logits, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_guarded_eager_loop_model_pickles_as_its_own_classes(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    base = pm.unload()
+    plain = peft_logits(base, ids)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    with torch.no_grad():
+        torch.compile(base, backend=be)(ids)
+    torch.save(base, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    experts = loaded.model.layers[0].mlp.experts
+    assert type(experts) is transformers.models.mixtral.modeling_mixtral.MixtralExperts
+    torch.testing.assert_close(peft_logits(loaded, ids), plain, atol=1e-6, rtol=1e-6)  # no backend travels with it
+
+
+def test_eager_loop_fold_of_a_bf16_adapter_on_an_fp32_base_equals_peft(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path, lora_alpha=64)
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.bfloat16()
+    pm.save_pretrained(tmp_path / "bf16")
+    base = pm.unload()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "bf16", autocast_adapter_dtype=False)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    be = lora_fx.backend(lora_fx.load_adapter(tmp_path / "bf16", autocast_adapter_dtype=False), mode="fold",
+                         inner="aot_eager")
+    torch.testing.assert_close(compiled_logits(base, be, ids), peft_logits(ref, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_the_reference_math_on_a_guarded_eager_loop_model_applies_only_its_own_adapter(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "eager", layers=1), tmp_path, "full")
+    base = pm.unload()
+    pq, path_q = peft_adapter(copy.deepcopy(base), tmp_path, "qv", seed=3, target_parameters=None)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    want = peft_logits(pq, ids)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    with torch.no_grad():
+        torch.compile(base, backend=be)(ids)  # the experts are guarded now
+        got = lora_fx.reference.lora_forward(base, lora_fx.load_adapter(path_q), ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
