@@ -214,6 +214,7 @@ class LoraBackend:
             self._check_model(model)
         if model is not None:
             self.eager.install(model, g.named(model.named_modules()))
+            self.eager.check_experts()
         state = self.state
         read = {n for n in gm.graph.find_nodes(op="placeholder") if n.users}
         with state.lock, torch.inference_mode(False):  # the tensors it makes are never inference tensors

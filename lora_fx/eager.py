@@ -30,7 +30,7 @@ import torch
 
 from . import eager_experts
 from .diffusers import refuse_call_scale
-from .errors import GraphRewriteError
+from .errors import GraphRewriteError, raise_if
 from .experts import module_of
 from .targets import module_kind
 
@@ -73,6 +73,8 @@ def any_pending() -> bool:
 # module -> (EagerGuard, fqn, why it cannot run eagerly, whether hooks of its own guard it)
 _GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INSTALLED = [False]
+EXPERTS_IN_GRAPHS = ("its experts' LoRA is applied inside the compiled graphs, where grouped_mm / batched_mm read the "
+                     "3-D parameter")
 
 
 def _install_hooks() -> None:
@@ -158,8 +160,7 @@ class EagerGuard:
                 eager_experts.guard(mod, self, lambda mod=mod, name=name: self.expert_updates(mod, name))
                 self.experts.append(mod)
                 continue
-            why = ("its experts' LoRA is applied inside the compiled graphs, where grouped_mm / batched_mm read "
-                   "the 3-D parameter" if spec.experts
+            why = (EXPERTS_IN_GRAPHS if spec.experts
                    else "its parameter is merged with the adapter inside the compiled graphs" if spec.param
                    else "the adapter replaces one of its parameters inside the compiled graphs"
                    if fqn in overridden else None)
@@ -189,6 +190,17 @@ class EagerGuard:
             p = getattr(module, path.rpartition(".")[2])
             params[id(p)] = (p, eager_experts.factors_of(state.live_weights(path, module), spec.experts))
         return params, state.mode == "fold"
+
+    def check_experts(self) -> None:
+        """Before each compile: an experts module whose LoRA the graphs apply (grouped_mm /
+        batched_mm when the backend installed) now computing with the eager loop would get none
+        (its loop runs outside the graphs, unguarded): refused, naming it."""
+        raise_if([f"{fqn}: {type(mod).__name__} now computes with experts implementation "
+                  f"{eager_experts.implementation(mod)!r}; the backend applies its expert LoRA inside the compiled "
+                  "graphs, which that loop never reaches. Build the backend after set_experts_implementation"
+                  for mod, (guard, fqn, why, _) in list(_GUARDED.items())
+                  if guard is self and why == EXPERTS_IN_GRAPHS and eager_experts.runs_eagerly(mod)],
+                 GraphRewriteError, "cannot apply the adapter:")
 
     def modules(self, fqns: Iterable[str]) -> list[tuple[int, str]]:
         return [(id(self), f) for f in fqns]

@@ -413,3 +413,19 @@ def test_the_reference_math_on_a_guarded_eager_loop_model_applies_only_its_own_a
         torch.compile(base, backend=be)(ids)  # the experts are guarded now
         got = lora_fx.reference.lora_forward(base, lora_fx.load_adapter(path_q), ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_switching_to_the_eager_loop_after_compiling_is_refused_by_name(tmp_path):
+    pm, path = peft_adapter(tiny("mixtral", "grouped_mm", layers=1), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    want = peft_logits(pm, ids)
+    base = pm.unload()
+    peft_logits(base, ids)  # uncompiled first (the experts loop then runs inside frames dynamo resumes)
+    be = lora_fx.backend(lora_fx.load_adapter(path), mode="branch", inner="aot_eager")
+    f = torch.compile(base, backend=be)
+    with torch.no_grad():
+        torch.testing.assert_close(f(ids).logits, want, atol=1e-4, rtol=1e-4)
+        base.set_experts_implementation("eager")
+        with pytest.raises(GraphRewriteError, match=r"model\.layers\.0\.mlp\.experts\.\w+: MixtralExperts now computes "
+                                                    r"with experts implementation 'eager'.*Build the backend after"):
+            f(ids)
