@@ -44,6 +44,7 @@ def runs_eagerly(module: torch.nn.Module) -> bool:
 LINEAR = (F.linear, torch._C._nn.linear)
 BMM = (torch.bmm, torch.Tensor.bmm)
 GETITEM = (torch.Tensor.__getitem__,)
+METADATA = (torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride)
 
 
 class ExpertUpdates(TorchFunctionMode):
@@ -60,6 +61,8 @@ class ExpertUpdates(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in METADATA or getattr(func, "__name__", "") == "__get__":  # .shape, .dtype, size(): no values
+            return func(*args, **kwargs)
         if func in GETITEM and id(args[0]) in self.params and args[0] is self.params[id(args[0])][0]:
             factors, idx = self.params[id(args[0])][1], args[1]
             out = func(*args, **kwargs)
